@@ -1,0 +1,43 @@
+"""One error base class for everything a user can fix (kiwi style).
+
+The entry point prints these as one line and exits with status 2; any other exception is a bug
+and shows its traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+
+class QlimageError(Exception):
+    """A problem the user can fix: bad input, a missing tool, an unreachable mirror."""
+
+    exit_status = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+
+
+class ConfigError(QlimageError):
+    """One or more site files are invalid; `problems` holds one line per error."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class ToolMissing(QlimageError):
+    """An external program is not installed."""
+
+
+class BuildError(QlimageError):
+    """A build step failed (an external command returned non-zero, a checksum did not match)."""
+
+
+def die(message: str, hint: str | None = None) -> NoReturn:
+    raise QlimageError(message, hint=hint)
