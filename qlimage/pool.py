@@ -1,0 +1,316 @@
+"""Module packages in a pool directory, and picking a version for a requested (meta-)version.
+
+A module is a Debian package named `qlustar-module-<module>-<flavor>` (the module name may
+contain dashes; the flavor is the last dash-separated part). The control fields
+`Qlustar-Module` and `Qlustar-Flavor`, when present, win over what the name says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from debian.debfile import DebFile
+from debian.debian_support import Version
+
+from qlimage.errors import QlimageError
+
+PACKAGE_PREFIX = "qlustar-module-"
+MODULE_FIELD = "Qlustar-Module"
+FLAVOR_FIELD = "Qlustar-Flavor"
+
+
+@dataclass(frozen=True)
+class ModulePackage:
+    package: str  # full Debian package name
+    module: str  # e.g. "core"
+    flavor: str  # e.g. "bookworm"
+    version: str  # Debian version string
+    path: Path  # the .deb
+
+    @property
+    def debian_version(self) -> Version:
+        return Version(self.version)
+
+    def sort_key(self) -> tuple[str, str, Version, str]:
+        """(module, flavor, Debian version order, file name): the pool's listing order."""
+        return (self.module, self.flavor, self.debian_version, self.path.name)
+
+    def __str__(self) -> str:
+        return f"{self.module} {self.version} ({self.flavor})"
+
+
+# --- reading packages --------------------------------------------------------------------
+
+# Control paragraphs keyed by (path, size, mtime_ns): a pool is rescanned for every image
+# build, and a .deb that has not changed on disk has not changed its control data either.
+_control_cache: dict[tuple[str, int, int], dict[str, str]] = {}
+
+
+def read_module(path: Path) -> ModulePackage:
+    """The module package at `path`; QlimageError naming the file if it is not one."""
+    path = Path(path)
+    control = read_control(path)
+    module = module_from_control(path, control)
+    if module is None:
+        raise QlimageError(
+            f"{path}: package {control.get('Package', '?')!r} is not a module package",
+            hint=f"module packages are named {PACKAGE_PREFIX}<module>-<flavor>",
+        )
+    return module
+
+
+def scan_pool(directory: Path) -> list[ModulePackage]:
+    """Every module package in `directory` (not recursive), in (module, flavor, version) order.
+
+    A missing directory is an empty pool; .deb files that are not module packages are
+    ignored; a .deb that cannot be read at all is an error, since it is likely a broken
+    download the admin should know about.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    modules = []
+    for path in sorted(directory.glob("*.deb")):
+        if not path.is_file():
+            continue
+        module = module_from_control(path, read_control(path))
+        if module is not None:
+            modules.append(module)
+    return sorted(modules, key=ModulePackage.sort_key)
+
+
+def read_control(path: Path) -> dict[str, str]:
+    """The control paragraph of the .deb at `path` (only the control member is read)."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise QlimageError(f"{path}: cannot read package: {exc.strerror}") from exc
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    cached = _control_cache.get(key)
+    if cached is None:
+        cached = _control_cache[key] = parse_control(path)
+    return dict(cached)
+
+
+def parse_control(path: Path) -> dict[str, str]:
+    try:
+        with DebFile(path) as deb:
+            control = dict(deb.debcontrol())
+    except Exception as exc:  # python-debian raises anything from ArError to zlib.error
+        raise QlimageError(f"{path}: not a readable .deb package: {exc}") from exc
+    if not control.get("Package") or not control.get("Version"):
+        raise QlimageError(f"{path}: control data lacks Package or Version")
+    return control
+
+
+def module_from_control(path: Path, control: dict[str, str]) -> ModulePackage | None:
+    """Module, flavor and version from the control fields, or None for a non-module .deb."""
+    package = control["Package"]
+    names = split_package_name(package, control.get(FLAVOR_FIELD))
+    module = control.get(MODULE_FIELD) or (names[0] if names else None)
+    flavor = control.get(FLAVOR_FIELD) or (names[1] if names else None)
+    if not module or not flavor:
+        return None
+    return ModulePackage(
+        package=package,
+        module=module.strip(),
+        flavor=flavor.strip(),
+        version=control["Version"],
+        path=path,
+    )
+
+
+def split_package_name(package: str, flavor: str | None = None) -> tuple[str, str] | None:
+    """("slurm-client", "bookworm") for qlustar-module-slurm-client-bookworm, else None."""
+    if not package.startswith(PACKAGE_PREFIX):
+        return None
+    rest = package[len(PACKAGE_PREFIX) :]
+    # A flavor given in the control data tells where the module name ends even if the
+    # flavor itself contained a dash.
+    if flavor and rest.endswith("-" + flavor) and len(rest) > len(flavor) + 1:
+        return rest[: -len(flavor) - 1], flavor
+    module, sep, flavor_part = rest.rpartition("-")
+    if not sep or not module or not flavor_part:
+        return None
+    return module, flavor_part
+
+
+# --- version selection -------------------------------------------------------------------
+
+
+def version_matches(requested: str, version: str) -> bool:
+    """Whether `version` satisfies `requested` ("11", "11.0" meta-versions or "11.0.0" exact).
+
+    Upstream versions are compared whole components at a time, so "11" matches 11.y.z but
+    neither 110.0 nor 1.1. An epoch or Debian revision in `requested` must match exactly;
+    when left out, any epoch or revision of `version` is accepted.
+    """
+    if not requested.strip():
+        raise ValueError("empty version request")
+    req_epoch, req_upstream, req_revision = split_version(requested.strip())
+    epoch, upstream, revision = split_version(version)
+    if req_epoch is not None and int(req_epoch) != int(epoch or 0):
+        return False
+    if req_revision is not None and req_revision != revision:
+        return False
+    wanted = req_upstream.split(".")
+    have = upstream.split(".")
+    return len(have) >= len(wanted) and all(
+        same_component(w, h) for w, h in zip(wanted, have, strict=False)
+    )
+
+
+def split_version(version: str) -> tuple[str | None, str, str | None]:
+    """(epoch, upstream, revision) of a Debian version; absent parts are None."""
+    epoch, sep, rest = version.partition(":")
+    if not sep or not epoch.isdigit():
+        epoch, rest = None, version
+    upstream, sep, revision = rest.rpartition("-")
+    if not sep:
+        return epoch, rest, None
+    return epoch, upstream, revision
+
+
+def same_component(wanted: str, have: str) -> bool:
+    # Debian ordering treats "01" and "1" as equal, so a request should too.
+    if wanted.isdigit() and have.isdigit():
+        return int(wanted) == int(have)
+    return wanted == have
+
+
+def resolve(
+    pool: Sequence[ModulePackage], module: str, flavor: str, requested: str
+) -> ModulePackage:
+    """The newest pool entry for `module`/`flavor` whose version matches `requested`."""
+    candidates = [m for m in pool if m.module == module and m.flavor == flavor]
+    if not candidates:
+        raise unknown_module_error(pool, module, flavor, requested)
+    matching = [m for m in candidates if version_matches(requested, m.version)]
+    if not matching:
+        raise QlimageError(
+            f"module {module} ({flavor}): no version matches {requested!r}; "
+            f"the pool has {', '.join(versions_of(candidates))}",
+        )
+    best = max(matching, key=lambda m: m.debian_version)
+    check_unambiguous(best, matching)
+    return best
+
+
+def unknown_module_error(
+    pool: Sequence[ModulePackage], module: str, flavor: str, requested: str
+) -> QlimageError:
+    wanted = f"module {module} {requested} ({flavor})"
+    known = sorted({m.module for m in pool if m.flavor == flavor})
+    if known:
+        return QlimageError(
+            f"{wanted}: not in the pool; modules for {flavor}: {', '.join(known)}"
+        )
+    flavors = sorted({m.flavor for m in pool})
+    if flavors:
+        return QlimageError(
+            f"{wanted}: the pool has no modules for flavor {flavor}; "
+            f"flavors: {', '.join(flavors)}"
+        )
+    return QlimageError(f"{wanted}: the module pool is empty")
+
+
+def versions_of(modules: Iterable[ModulePackage]) -> list[str]:
+    """Distinct versions, oldest first."""
+    unique = {m.version: m.debian_version for m in modules}
+    return sorted(unique, key=lambda v: unique[v])
+
+
+def check_unambiguous(best: ModulePackage, matching: Sequence[ModulePackage]) -> None:
+    # Two files claiming the same module version (a renamed copy, a package carrying
+    # Qlustar-Module fields) would make the image depend on directory order.
+    twins = [m for m in matching if m.debian_version == best.debian_version]
+    if len(twins) > 1:
+        files = ", ".join(sorted(str(m.path) for m in twins))
+        raise QlimageError(
+            f"module {best.module} {best.version} ({best.flavor}) is in the pool twice: {files}",
+            hint="remove all but one of these files",
+        )
+
+
+# --- package contents --------------------------------------------------------------------
+
+
+def module_files(path: Path) -> list[tuple[str, int, str]]:
+    """The file tree of the module at `path`, sorted by path.
+
+    Each entry is (path without "./", st_mode-style mode including the file type bits,
+    detail): the sha256 hex of the content for regular files (hardlinks: of the linked
+    content), the target for symlinks, "" for directories, "c:MAJOR:MINOR"/"b:MAJOR:MINOR"
+    for device nodes and "" for fifos. The archive root itself is left out.
+    """
+    path = Path(path)
+    try:
+        with DebFile(path) as deb:
+            tar = deb.data.tgz()
+            entries = [file_entry(tar, member) for member in tar]
+    except QlimageError:
+        raise
+    except Exception as exc:  # see parse_control
+        raise QlimageError(f"{path}: cannot read package contents: {exc}") from exc
+    return sorted(e for e in entries if e[0])
+
+
+def file_entry(tar: tarfile.TarFile, member: tarfile.TarInfo) -> tuple[str, int, str]:
+    name = normalize_member_name(member.name)
+    mode = file_type_bits(member) | (member.mode & 0o7777)
+    if member.issym():
+        return name, mode, member.linkname
+    if member.isfile() or member.islnk():
+        return name, mode, sha256_member(tar, member)
+    if member.ischr() or member.isblk():
+        return name, mode, f"{'c' if member.ischr() else 'b'}:{member.devmajor}:{member.devminor}"
+    return name, mode, ""
+
+
+def normalize_member_name(name: str) -> str:
+    name = str(name)
+    while name.startswith("./"):
+        name = name[2:]
+    return "" if name in (".", "") else name.rstrip("/")
+
+
+def file_type_bits(member: tarfile.TarInfo) -> int:
+    if member.isdir():
+        return stat.S_IFDIR
+    if member.issym():
+        return stat.S_IFLNK
+    if member.ischr():
+        return stat.S_IFCHR
+    if member.isblk():
+        return stat.S_IFBLK
+    if member.isfifo():
+        return stat.S_IFIFO
+    return stat.S_IFREG  # regular files and hardlinks to them
+
+
+def sha256_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    fileobj = tar.extractfile(member)
+    if fileobj is None:
+        raise QlimageError(f"{member.name}: content missing from the package archive")
+    digest = hashlib.sha256()
+    with fileobj:
+        for chunk in iter(lambda: fileobj.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def module_changelog(path: Path) -> str | None:
+    """The Debian changelog the module ships (usr/share/doc/<package>/), or None."""
+    path = Path(path)
+    try:
+        with DebFile(path) as deb:
+            changelog: Any = deb.changelog()
+    except Exception as exc:  # see parse_control
+        raise QlimageError(f"{path}: cannot read the package changelog: {exc}") from exc
+    return None if changelog is None else str(changelog)

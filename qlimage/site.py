@@ -1,0 +1,437 @@
+"""The site model: every config file validated against its schema, then frozen, once.
+
+Like mkosi's config, nothing downstream re-reads or re-checks a site file: tasks receive the
+`Site` object. Every problem of every file is collected first and reported together as
+`file: json.path: message` lines, so an admin fixes a whole batch in one go.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jsonschema
+
+from qlimage.errors import ConfigError
+
+SITE_FILE = "site.toml"
+DEFAULT_SOURCE_DATE_EPOCH = 1700000000
+DEFAULT_HTTP_PORT = 80
+# NICs commonly found in HPC nodes plus QEMU's, and what the initrd needs to mount the image.
+DEFAULT_INITRD_MODULES = (
+    "virtio_pci", "virtio_net", "e1000", "e1000e", "igb", "ixgbe", "tg3", "bnx2",
+    "squashfs", "overlay", "loop",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    cidr: ipaddress.IPv4Network
+    gateway: str | None
+    mtu: int | None
+    boot: bool
+    suffix: str
+
+
+@dataclass(frozen=True)
+class HostAddress:
+    network: str
+    address: str
+    hostname: str
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    mac: str  # lower case, colon separated
+    addresses: tuple[HostAddress, ...]
+    bootconfig: str
+    source: str  # the nodes.d file that defines it, for error messages
+
+    def address_on(self, network: str) -> HostAddress | None:
+        return next((a for a in self.addresses if a.network == network), None)
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    flavor: str
+    version: str
+    modules: tuple[str, ...]  # "core" first, then as listed
+    chroot: str | None
+    description: str
+    source: Path
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    name: str
+    image: str
+    append: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Archive:
+    sources: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]  # (uri, suites, components)
+    arch: str
+    index_max_age: float
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+    bootfiles: Path
+    pool: Path
+    images: Path
+    nodes: Path
+    overlays: Path
+    rootfs: Path
+    chroots: Path
+    modules: Path
+    cache: Path
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    source_date_epoch: int
+    head_address: str
+    http_port: int
+    head_shadow: Path
+    paths: Paths
+    archive: Archive
+    kernel_package: str
+    kernel_deb: Path | None
+    initrd_modules: tuple[str, ...]
+    squashfs_compressor: str
+    squashfs_level: int | None
+    squashfs_block_size: int
+    networks: Mapping[str, Network]
+    images: Mapping[str, Image]
+    bootconfigs: Mapping[str, BootConfig]
+    default_bootconfig: str | None
+    serial: str
+    console: str
+    hosts: tuple[Host, ...] = field(default=())
+
+    @property
+    def boot_network(self) -> Network:
+        return next(n for n in self.networks.values() if n.boot)
+
+    @property
+    def http_base(self) -> str:
+        port = "" if self.http_port == 80 else f":{self.http_port}"
+        return f"http://{self.head_address}{port}"
+
+    def host(self, name: str) -> Host:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        known = ", ".join(h.name for h in self.hosts) or "none"
+        raise ConfigError([f"unknown node {name!r} (nodes in nodes.d: {known})"])
+
+    def boot_address(self, host: Host) -> str:
+        addr = host.address_on(self.boot_network.name)
+        assert addr is not None  # checked when the site was loaded
+        return addr.address
+
+
+@cache
+def schema(name: str) -> dict[str, Any]:
+    text = resources.files("qlimage").joinpath(f"schemas/{name}.schema.json").read_text()
+    return json.loads(text)  # type: ignore[no-any-return]
+
+
+def json_path(path: Any) -> str:
+    """Render a jsonschema error path the way osbuild does: `.hosts[2].mac`."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out or "."
+
+
+def validate(data: Any, schema_name: str, where: str) -> list[str]:
+    validator = jsonschema.Draft202012Validator(
+        schema(schema_name), format_checker=jsonschema.FormatChecker()
+    )
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{where}: {json_path(e.absolute_path)}: {brief(e)}" for e in errors]
+
+
+def brief(error: jsonschema.ValidationError) -> str:
+    # oneOf failures are unreadable by default; say what the alternatives were instead.
+    if error.validator == "oneOf":
+        return f"{error.instance!r} is not a valid address (expected an IPv4 string or a table)"
+    if error.validator == "additionalProperties":
+        return error.message.replace("Additional properties", "unknown field(s)")
+    return error.message
+
+
+def read_toml(path: Path, problems: list[str], where: str) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        problems.append(f"{where}: {e}")
+    except OSError as e:
+        problems.append(f"{where}: cannot read: {e.strerror}")
+    return None
+
+
+def rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def load_site(root: Path | str = ".") -> Site:
+    """Read, validate and freeze the whole site below `root`; raise ConfigError listing all problems."""
+    root = Path(root).resolve()
+    problems: list[str] = []
+    site_path = root / SITE_FILE
+    if not site_path.exists():
+        raise ConfigError([f"{site_path}: no site settings file (is {root} a qlimage site?)"])
+    raw = read_toml(site_path, problems, SITE_FILE) or {}
+    problems += validate(raw, "site", SITE_FILE)
+    if problems:
+        raise ConfigError(problems)
+
+    paths = make_paths(root, raw.get("paths", {}))
+    networks = make_networks(raw["networks"], problems)
+    images = load_images(paths, problems)
+    bootconfigs = make_bootconfigs(raw.get("bootconfigs", {}), images, problems)
+    boot = raw.get("boot", {})
+    default = boot.get("default")
+    if default is not None and default not in bootconfigs:
+        problems.append(f"{SITE_FILE}: .boot.default: unknown boot config {default!r}")
+    hosts = load_hosts(paths, networks, images, bootconfigs, problems)
+    for bc in bootconfigs.values():
+        if bc.image not in images:
+            problems.append(
+                f"{SITE_FILE}: .bootconfigs.{bc.name}.image: unknown image {bc.image!r}"
+                f" (images.d has: {', '.join(sorted(images)) or 'none'})"
+            )
+    if problems:
+        raise ConfigError(problems)
+
+    # Hosts that name only an image boot through an implicit boot config of that name.
+    all_bootconfigs = dict(bootconfigs)
+    for host in hosts:
+        if host.bootconfig not in all_bootconfigs:
+            all_bootconfigs[host.bootconfig] = BootConfig(host.bootconfig, host.bootconfig, "", "")
+
+    head = raw["head"]
+    archive = raw.get("archive", {})
+    kernel = raw.get("kernel", {})
+    squashfs = raw.get("squashfs", {})
+    return Site(
+        name=raw.get("site", {}).get("name", root.name),
+        source_date_epoch=int(
+            raw.get("site", {}).get(
+                "source_date_epoch",
+                os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_SOURCE_DATE_EPOCH),
+            )
+        ),
+        head_address=head["address"],
+        http_port=head.get("http_port", DEFAULT_HTTP_PORT),
+        head_shadow=root / head.get("shadow", "/etc/shadow"),
+        paths=paths,
+        archive=Archive(
+            sources=tuple(
+                (s["uri"].rstrip("/"), tuple(s["suites"]), tuple(s.get("components", ["main"])))
+                for s in archive.get("sources", [])
+            ),
+            arch=archive.get("arch", "amd64"),
+            index_max_age=float(archive.get("index_max_age", 86400)),
+        ),
+        kernel_package=kernel.get("package", "linux-image-amd64"),
+        kernel_deb=(root / kernel["deb"]) if "deb" in kernel else None,
+        initrd_modules=tuple(raw.get("initrd", {}).get("modules", DEFAULT_INITRD_MODULES)),
+        squashfs_compressor=squashfs.get("compressor", "zstd"),
+        squashfs_level=squashfs.get("level"),
+        squashfs_block_size=squashfs.get("block_size", 131072),
+        networks=MappingProxyType(networks),
+        images=MappingProxyType(images),
+        bootconfigs=MappingProxyType(all_bootconfigs),
+        default_bootconfig=default,
+        serial=boot.get("serial", "0 115200"),
+        console=boot.get("console", "ttyS0,115200"),
+        hosts=tuple(sorted(hosts, key=lambda h: h.name)),
+    )
+
+
+def make_paths(root: Path, raw: Mapping[str, str]) -> Paths:
+    def p(key: str, default: str) -> Path:
+        return (root / os.path.expanduser(raw.get(key, default))).resolve()
+
+    return Paths(
+        root=root,
+        bootfiles=p("bootfiles", "bootfiles"),
+        pool=p("pool", "modules/pool"),
+        images=p("images", "images.d"),
+        nodes=p("nodes", "nodes.d"),
+        overlays=p("overlays", "overlays"),
+        rootfs=p("rootfs", "rootfs"),
+        chroots=p("chroots", "chroots"),
+        modules=p("modules", "modules"),
+        cache=p("cache", os.environ.get("QLIMAGE_CACHE", "~/.cache/qlimage")),
+    )
+
+
+def make_networks(raw: Mapping[str, Any], problems: list[str]) -> dict[str, Network]:
+    networks: dict[str, Network] = {}
+    for name, net in sorted(raw.items()):
+        try:
+            cidr = ipaddress.IPv4Network(net["cidr"], strict=False)
+        except ValueError as e:
+            problems.append(f"{SITE_FILE}: .networks.{name}.cidr: {e}")
+            continue
+        networks[name] = Network(
+            name, cidr, net.get("gateway"), net.get("mtu"), net.get("boot", False),
+            net.get("suffix", ""),
+        )  # fmt: skip
+    boot = [n for n in networks.values() if n.boot]
+    if len(boot) != 1:
+        problems.append(
+            f"{SITE_FILE}: .networks: exactly one network needs boot = true"
+            f" (found {len(boot)}: {', '.join(n.name for n in boot) or 'none'})"
+        )
+    return networks
+
+
+def toml_files(directory: Path) -> Iterator[Path]:
+    if directory.is_dir():
+        yield from sorted(p for p in directory.iterdir() if p.suffix == ".toml" and p.is_file())
+
+
+def load_images(paths: Paths, problems: list[str]) -> dict[str, Image]:
+    images: dict[str, Image] = {}
+    for path in toml_files(paths.images):
+        where = rel(path, paths.root)
+        raw = read_toml(path, problems, where)
+        if raw is None:
+            continue
+        errors = validate(raw, "image", where)
+        if errors:
+            problems += errors
+            continue
+        name = raw["name"]
+        if name in images:
+            problems.append(f"{where}: .name: image {name!r} is already defined in "
+                            f"{rel(images[name].source, paths.root)}")  # fmt: skip
+            continue
+        chroot = raw.get("chroot") or None
+        if chroot is not None and not (paths.chroots / chroot).exists():
+            problems.append(f"{where}: .chroot: no chroot {chroot!r} under {paths.chroots}")
+        modules = ["core", *(m for m in raw["modules"] if m != "core")]
+        images[name] = Image(
+            name, raw["flavor"], raw["version"], tuple(modules), chroot,
+            raw.get("description", ""), path,
+        )  # fmt: skip
+    return images
+
+
+def make_bootconfigs(
+    raw: Mapping[str, Any], images: Mapping[str, Image], problems: list[str]
+) -> dict[str, BootConfig]:
+    return {
+        name: BootConfig(name, bc["image"], bc.get("append", ""), bc.get("description", ""))
+        for name, bc in sorted(raw.items())
+    }
+
+
+def load_hosts(
+    paths: Paths,
+    networks: Mapping[str, Network],
+    images: Mapping[str, Image],
+    bootconfigs: Mapping[str, BootConfig],
+    problems: list[str],
+) -> list[Host]:
+    hosts: list[Host] = []
+    seen: dict[tuple[str, str], str] = {}  # (kind, value) -> "file: path" that claimed it first
+
+    def claim(kind: str, value: str, where: str) -> None:
+        if (kind, value) in seen:
+            problems.append(f"{where}: {kind} {value!r} is already used by {seen[kind, value]}")
+        else:
+            seen[kind, value] = where
+
+    boot_net = next((n for n in networks.values() if n.boot), None)
+    for path in toml_files(paths.nodes):
+        where = rel(path, paths.root)
+        raw = read_toml(path, problems, where)
+        if raw is None:
+            continue
+        errors = validate(raw, "nodes", where)
+        if errors:
+            problems += errors
+            continue
+        for i, h in enumerate(raw.get("hosts", [])):
+            at = f"{where}: .hosts[{i}]"
+            claim("name", h["name"], at + ".name")
+            claim("MAC", h["mac"].lower(), at + ".mac")
+            addresses = []
+            for net_name, value in sorted(h["networks"].items()):
+                entry = value if isinstance(value, dict) else {"address": value}
+                if net_name not in networks:
+                    problems.append(f"{at}.networks.{net_name}: unknown network (site.toml "
+                                    f"defines: {', '.join(sorted(networks))})")  # fmt: skip
+                    continue
+                net = networks[net_name]
+                if ipaddress.IPv4Address(entry["address"]) not in net.cidr:
+                    problems.append(f"{at}.networks.{net_name}: {entry['address']} is outside "
+                                    f"{net.cidr}")  # fmt: skip
+                claim("address", entry["address"], f"{at}.networks.{net_name}")
+                addresses.append(
+                    HostAddress(
+                        net_name, entry["address"], entry.get("hostname", h["name"]),
+                        tuple(entry.get("aliases", ())),
+                    )  # fmt: skip
+                )
+            if boot_net is not None and boot_net.name not in h["networks"]:
+                problems.append(f"{at}.networks: no address on the boot network {boot_net.name!r}")
+            bootconfig = host_bootconfig(h, images, bootconfigs, at, problems)
+            hosts.append(Host(h["name"], h["mac"].lower(), tuple(addresses), bootconfig, where))
+    return hosts
+
+
+def host_bootconfig(
+    h: Mapping[str, Any],
+    images: Mapping[str, Image],
+    bootconfigs: Mapping[str, BootConfig],
+    at: str,
+    problems: list[str],
+) -> str:
+    """A host names a boot config, or just an image (then it boots the image's implicit config)."""
+    image, bootconfig = h.get("image"), h.get("bootconfig")
+    if bootconfig is not None:
+        if bootconfig not in bootconfigs:
+            problems.append(f"{at}.bootconfig: unknown boot config {bootconfig!r} (site.toml "
+                            f"defines: {', '.join(sorted(bootconfigs)) or 'none'})")  # fmt: skip
+        elif image is not None and bootconfigs[bootconfig].image != image:
+            problems.append(f"{at}.image: {image!r} differs from the image "
+                            f"{bootconfigs[bootconfig].image!r} of boot config {bootconfig!r}")  # fmt: skip
+        return str(bootconfig)
+    if image is None:
+        problems.append(f"{at}: needs an image or a bootconfig")
+        return ""
+    if image not in images:
+        problems.append(f"{at}.image: unknown image {image!r} (images.d has: "
+                        f"{', '.join(sorted(images)) or 'none'})")  # fmt: skip
+    elif image in bootconfigs and bootconfigs[image].image != image:
+        problems.append(f"{at}.image: boot config {image!r} exists and boots another image; "
+                        "name the bootconfig explicitly")  # fmt: skip
+    return str(image)
