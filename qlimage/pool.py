@@ -10,10 +10,9 @@ from __future__ import annotations
 import hashlib
 import stat
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from debian.debfile import DebFile
 from debian.debian_support import Version
@@ -23,6 +22,8 @@ from qlimage.errors import QlimageError
 PACKAGE_PREFIX = "qlustar-module-"
 MODULE_FIELD = "Qlustar-Module"
 FLAVOR_FIELD = "Qlustar-Flavor"
+# Requests with at most this many components are meta-versions ("11", "11.0").
+META_COMPONENTS = 2
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ def scan_pool(directory: Path) -> list[ModulePackage]:
         return []
     modules = []
     for path in sorted(directory.glob("*.deb")):
-        if not path.is_file():
+        # Dot names are other tools' work in progress (build_deb's temporary directories).
+        if path.name.startswith(".") or not path.is_file():
             continue
         module = module_from_control(path, read_control(path))
         if module is not None:
@@ -104,26 +106,34 @@ def parse_control(path: Path) -> dict[str, str]:
             control = dict(deb.debcontrol())
     except Exception as exc:  # python-debian raises anything from ArError to zlib.error
         raise QlimageError(f"{path}: not a readable .deb package: {exc}") from exc
-    if not control.get("Package") or not control.get("Version"):
+    names = {name.lower() for name, value in control.items() if value.strip()}
+    if not {"package", "version"} <= names:
         raise QlimageError(f"{path}: control data lacks Package or Version")
     return control
 
 
-def module_from_control(path: Path, control: dict[str, str]) -> ModulePackage | None:
+def module_from_control(path: Path, control: Mapping[str, str]) -> ModulePackage | None:
     """Module, flavor and version from the control fields, or None for a non-module .deb."""
-    package = control["Package"]
-    names = split_package_name(package, control.get(FLAVOR_FIELD))
-    module = control.get(MODULE_FIELD) or (names[0] if names else None)
-    flavor = control.get(FLAVOR_FIELD) or (names[1] if names else None)
+    # Control field names are case-insensitive (Debian Policy 5.1).
+    fields = {name.lower(): value.strip() for name, value in control.items()}
+    package = fields["package"]
+    names = split_package_name(package, fields.get(FLAVOR_FIELD.lower()))
+    module = fields.get(MODULE_FIELD.lower()) or (names[0] if names else None)
+    flavor = fields.get(FLAVOR_FIELD.lower()) or (names[1] if names else None)
     if not module or not flavor:
         return None
+    check_version(path, fields["version"])
     return ModulePackage(
-        package=package,
-        module=module.strip(),
-        flavor=flavor.strip(),
-        version=control["Version"],
-        path=path,
+        package=package, module=module, flavor=flavor, version=fields["version"], path=path
     )
+
+
+def check_version(path: Path, version: str) -> None:
+    # Checked once here so that sorting and resolving never trip over a bad version later.
+    try:
+        Version(version)
+    except ValueError as exc:
+        raise QlimageError(f"{path}: invalid package version {version!r}") from exc
 
 
 def split_package_name(package: str, flavor: str | None = None) -> tuple[str, str] | None:
@@ -148,8 +158,9 @@ def version_matches(requested: str, version: str) -> bool:
     """Whether `version` satisfies `requested` ("11", "11.0" meta-versions or "11.0.0" exact).
 
     Upstream versions are compared whole components at a time, so "11" matches 11.y.z but
-    neither 110.0 nor 1.1. An epoch or Debian revision in `requested` must match exactly;
-    when left out, any epoch or revision of `version` is accepted.
+    neither 110.0 nor 1.1. A request with more than two components is exact: "11.0.0"
+    matches 11.0.0 and 11.0.0-N only. An epoch or Debian revision in `requested` must match
+    exactly; when left out, any epoch or revision of `version` is accepted.
     """
     if not requested.strip():
         raise ValueError("empty version request")
@@ -161,25 +172,31 @@ def version_matches(requested: str, version: str) -> bool:
         return False
     wanted = req_upstream.split(".")
     have = upstream.split(".")
-    return len(have) >= len(wanted) and all(
-        same_component(w, h) for w, h in zip(wanted, have, strict=False)
-    )
+    if len(wanted) > META_COMPONENTS:
+        # An exact request: 11.0.0 must not also pick up an 11.0.0.1.
+        return len(have) == len(wanted) and all(map(same_component, wanted, have))
+    return len(have) >= len(wanted) and all(map(same_component, wanted, have))
 
 
 def split_version(version: str) -> tuple[str | None, str, str | None]:
     """(epoch, upstream, revision) of a Debian version; absent parts are None."""
-    epoch, sep, rest = version.partition(":")
-    if not sep or not epoch.isdigit():
-        epoch, rest = None, version
+    head, sep, rest = version.partition(":")
+    epoch = head if sep and is_number(head) else None
+    if epoch is None:
+        rest = version
     upstream, sep, revision = rest.rpartition("-")
     if not sep:
         return epoch, rest, None
     return epoch, upstream, revision
 
 
+def is_number(component: str) -> bool:
+    return component.isascii() and component.isdigit()
+
+
 def same_component(wanted: str, have: str) -> bool:
     # Debian ordering treats "01" and "1" as equal, so a request should too.
-    if wanted.isdigit() and have.isdigit():
+    if is_number(wanted) and is_number(have):
         return int(wanted) == int(have)
     return wanted == have
 
@@ -208,14 +225,11 @@ def unknown_module_error(
     wanted = f"module {module} {requested} ({flavor})"
     known = sorted({m.module for m in pool if m.flavor == flavor})
     if known:
-        return QlimageError(
-            f"{wanted}: not in the pool; modules for {flavor}: {', '.join(known)}"
-        )
+        return QlimageError(f"{wanted}: not in the pool; modules for {flavor}: {', '.join(known)}")
     flavors = sorted({m.flavor for m in pool})
     if flavors:
         return QlimageError(
-            f"{wanted}: the pool has no modules for flavor {flavor}; "
-            f"flavors: {', '.join(flavors)}"
+            f"{wanted}: the pool has no modules for flavor {flavor}; flavors: {', '.join(flavors)}"
         )
     return QlimageError(f"{wanted}: the module pool is empty")
 
@@ -310,7 +324,7 @@ def module_changelog(path: Path) -> str | None:
     path = Path(path)
     try:
         with DebFile(path) as deb:
-            changelog: Any = deb.changelog()
+            changelog = deb.changelog()
     except Exception as exc:  # see parse_control
         raise QlimageError(f"{path}: cannot read the package changelog: {exc}") from exc
     return None if changelog is None else str(changelog)

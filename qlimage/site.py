@@ -28,9 +28,18 @@ DEFAULT_SOURCE_DATE_EPOCH = 1700000000
 DEFAULT_HTTP_PORT = 80
 # NICs commonly found in HPC nodes plus QEMU's, and what the initrd needs to mount the image.
 DEFAULT_INITRD_MODULES = (
-    "virtio_pci", "virtio_net", "e1000", "e1000e", "igb", "ixgbe", "tg3", "bnx2",
-    "squashfs", "overlay", "loop",
-)  # fmt: skip
+    "virtio_pci",
+    "virtio_net",
+    "e1000",
+    "e1000e",
+    "igb",
+    "ixgbe",
+    "tg3",
+    "bnx2",
+    "squashfs",
+    "overlay",
+    "loop",
+)
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,27 @@ class BootConfig:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How to build one image-module package from Debian packages plus our own files."""
+
+    module: str
+    flavor: str
+    version: str
+    description: str
+    packages: tuple[str, ...]
+    exclude: tuple[str, ...]
+    busybox_links: bool
+    directory: Path  # holds recipe.toml, optional files/ and changelog
+
+    @property
+    def package(self) -> str:
+        return f"qlustar-module-{self.module}-{self.flavor}"
+
+    def deb_name(self, arch: str = "amd64") -> str:
+        return f"{self.package}_{self.version}_{arch}.deb"
+
+
+@dataclass(frozen=True)
 class Archive:
     sources: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]  # (uri, suites, components)
     arch: str
@@ -125,6 +155,7 @@ class Site:
     serial: str
     console: str
     hosts: tuple[Host, ...] = field(default=())
+    recipes: tuple[Recipe, ...] = field(default=())
 
     @property
     def boot_network(self) -> Network:
@@ -151,7 +182,7 @@ class Site:
 @cache
 def schema(name: str) -> dict[str, Any]:
     text = resources.files("qlimage").joinpath(f"schemas/{name}.schema.json").read_text()
-    return json.loads(text)  # type: ignore[no-any-return]
+    return json.loads(text)
 
 
 def json_path(path: Any) -> str:
@@ -198,7 +229,7 @@ def rel(path: Path, root: Path) -> str:
 
 
 def load_site(root: Path | str = ".") -> Site:
-    """Read, validate and freeze the whole site below `root`; raise ConfigError listing all problems."""
+    """Read, validate and freeze the site below `root`; ConfigError lists every problem."""
     root = Path(root).resolve()
     problems: list[str] = []
     site_path = root / SITE_FILE
@@ -218,6 +249,7 @@ def load_site(root: Path | str = ".") -> Site:
     if default is not None and default not in bootconfigs:
         problems.append(f"{SITE_FILE}: .boot.default: unknown boot config {default!r}")
     hosts = load_hosts(paths, networks, images, bootconfigs, problems)
+    recipes = load_recipes(paths, problems)
     for bc in bootconfigs.values():
         if bc.image not in images:
             problems.append(
@@ -270,6 +302,7 @@ def load_site(root: Path | str = ".") -> Site:
         serial=boot.get("serial", "0 115200"),
         console=boot.get("console", "ttyS0,115200"),
         hosts=tuple(sorted(hosts, key=lambda h: h.name)),
+        recipes=tuple(recipes),
     )
 
 
@@ -300,9 +333,13 @@ def make_networks(raw: Mapping[str, Any], problems: list[str]) -> dict[str, Netw
             problems.append(f"{SITE_FILE}: .networks.{name}.cidr: {e}")
             continue
         networks[name] = Network(
-            name, cidr, net.get("gateway"), net.get("mtu"), net.get("boot", False),
+            name,
+            cidr,
+            net.get("gateway"),
+            net.get("mtu"),
+            net.get("boot", False),
             net.get("suffix", ""),
-        )  # fmt: skip
+        )
     boot = [n for n in networks.values() if n.boot]
     if len(boot) != 1:
         problems.append(
@@ -330,17 +367,24 @@ def load_images(paths: Paths, problems: list[str]) -> dict[str, Image]:
             continue
         name = raw["name"]
         if name in images:
-            problems.append(f"{where}: .name: image {name!r} is already defined in "
-                            f"{rel(images[name].source, paths.root)}")  # fmt: skip
+            problems.append(
+                f"{where}: .name: image {name!r} is already defined in "
+                f"{rel(images[name].source, paths.root)}"
+            )
             continue
         chroot = raw.get("chroot") or None
         if chroot is not None and not (paths.chroots / chroot).exists():
             problems.append(f"{where}: .chroot: no chroot {chroot!r} under {paths.chroots}")
         modules = ["core", *(m for m in raw["modules"] if m != "core")]
         images[name] = Image(
-            name, raw["flavor"], raw["version"], tuple(modules), chroot,
-            raw.get("description", ""), path,
-        )  # fmt: skip
+            name,
+            raw["flavor"],
+            raw["version"],
+            tuple(modules),
+            chroot,
+            raw.get("description", ""),
+            path,
+        )
     return images
 
 
@@ -387,19 +431,24 @@ def load_hosts(
             for net_name, value in sorted(h["networks"].items()):
                 entry = value if isinstance(value, dict) else {"address": value}
                 if net_name not in networks:
-                    problems.append(f"{at}.networks.{net_name}: unknown network (site.toml "
-                                    f"defines: {', '.join(sorted(networks))})")  # fmt: skip
+                    problems.append(
+                        f"{at}.networks.{net_name}: unknown network (site.toml "
+                        f"defines: {', '.join(sorted(networks))})"
+                    )
                     continue
                 net = networks[net_name]
                 if ipaddress.IPv4Address(entry["address"]) not in net.cidr:
-                    problems.append(f"{at}.networks.{net_name}: {entry['address']} is outside "
-                                    f"{net.cidr}")  # fmt: skip
+                    problems.append(
+                        f"{at}.networks.{net_name}: {entry['address']} is outside {net.cidr}"
+                    )
                 claim("address", entry["address"], f"{at}.networks.{net_name}")
                 addresses.append(
                     HostAddress(
-                        net_name, entry["address"], entry.get("hostname", h["name"]),
+                        net_name,
+                        entry["address"],
+                        entry.get("hostname", h["name"]),
                         tuple(entry.get("aliases", ())),
-                    )  # fmt: skip
+                    )
                 )
             if boot_net is not None and boot_net.name not in h["networks"]:
                 problems.append(f"{at}.networks: no address on the boot network {boot_net.name!r}")
@@ -419,19 +468,59 @@ def host_bootconfig(
     image, bootconfig = h.get("image"), h.get("bootconfig")
     if bootconfig is not None:
         if bootconfig not in bootconfigs:
-            problems.append(f"{at}.bootconfig: unknown boot config {bootconfig!r} (site.toml "
-                            f"defines: {', '.join(sorted(bootconfigs)) or 'none'})")  # fmt: skip
+            problems.append(
+                f"{at}.bootconfig: unknown boot config {bootconfig!r} (site.toml "
+                f"defines: {', '.join(sorted(bootconfigs)) or 'none'})"
+            )
         elif image is not None and bootconfigs[bootconfig].image != image:
-            problems.append(f"{at}.image: {image!r} differs from the image "
-                            f"{bootconfigs[bootconfig].image!r} of boot config {bootconfig!r}")  # fmt: skip
+            problems.append(
+                f"{at}.image: {image!r} differs from the image "
+                f"{bootconfigs[bootconfig].image!r} of boot config {bootconfig!r}"
+            )
         return str(bootconfig)
     if image is None:
         problems.append(f"{at}: needs an image or a bootconfig")
         return ""
     if image not in images:
-        problems.append(f"{at}.image: unknown image {image!r} (images.d has: "
-                        f"{', '.join(sorted(images)) or 'none'})")  # fmt: skip
+        problems.append(
+            f"{at}.image: unknown image {image!r} (images.d has: "
+            f"{', '.join(sorted(images)) or 'none'})"
+        )
     elif image in bootconfigs and bootconfigs[image].image != image:
-        problems.append(f"{at}.image: boot config {image!r} exists and boots another image; "
-                        "name the bootconfig explicitly")  # fmt: skip
+        problems.append(
+            f"{at}.image: boot config {image!r} exists and boots another image; "
+            "name the bootconfig explicitly"
+        )
     return str(image)
+
+
+def load_recipes(paths: Paths, problems: list[str]) -> list[Recipe]:
+    recipes: list[Recipe] = []
+    seen: dict[str, str] = {}
+    for path in sorted(paths.modules.glob("*/recipe.toml")):
+        where = rel(path, paths.root)
+        raw = read_toml(path, problems, where)
+        if raw is None:
+            continue
+        errors = validate(raw, "recipe", where)
+        if errors:
+            problems += errors
+            continue
+        recipe = Recipe(
+            raw["module"],
+            raw["flavor"],
+            raw["version"],
+            raw["description"],
+            tuple(raw.get("packages", ())),
+            tuple(raw.get("exclude", ())),
+            raw.get("busybox_links", False),
+            path.parent,
+        )
+        if recipe.package in seen:
+            problems.append(
+                f"{where}: .module: {recipe.package} is also built by {seen[recipe.package]}"
+            )
+            continue
+        seen[recipe.package] = where
+        recipes.append(recipe)
+    return recipes

@@ -1,0 +1,137 @@
+"""The `qlimage` command: user errors are one line each with exit status 2; tracebacks only
+with --debug."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from qlimage import __version__
+from qlimage.errors import ConfigError, QlimageError
+from qlimage.site import Site, load_site
+
+
+def report(error: QlimageError) -> None:
+    lines = error.problems if isinstance(error, ConfigError) else [str(error)]
+    for line in lines:
+        print(f"qlimage: {line}", file=sys.stderr)
+
+
+def exit_on_user_error(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except QlimageError as e:
+        report(e)
+        sys.exit(e.exit_status)
+
+
+def load_site_or_exit(root: str | Path) -> Site:
+    """For dodo.py: a bad site ends doit with the one-line errors and status 2."""
+    return exit_on_user_error(lambda: load_site(root))
+
+
+def run_doit(site: Site, args: Sequence[str]) -> int:
+    from doit.cmd_base import ModuleTaskLoader
+    from doit.doit_cmd import DoitMain
+
+    from qlimage.tasks import doit_config, site_tasks
+
+    namespace = {"DOIT_CONFIG": doit_config(site), **site_tasks(site)}
+    return int(DoitMain(ModuleTaskLoader(namespace)).run(list(args)))
+
+
+def cmd_validate(site: Site, args: argparse.Namespace) -> int:
+    from qlimage.tasks import plan
+
+    plan(site)  # resolves every image's modules: unknown modules fail here
+    print(
+        f"{site.name}: {len(site.images)} image(s), {len(site.hosts)} node(s), "
+        f"{len(site.bootconfigs)} boot config(s): ok"
+    )
+    return 0
+
+
+def cmd_build(site: Site, args: argparse.Namespace) -> int:
+    return run_doit(site, ["run", *args.doit_args])
+
+
+def cmd_doit(site: Site, args: argparse.Namespace) -> int:
+    return run_doit(site, args.doit_args)
+
+
+def cmd_vm(site: Site, args: argparse.Namespace) -> int:
+    from qlimage import vm
+
+    def show(line: str) -> None:
+        print(line, flush=True)
+
+    result = vm.boot(
+        site,
+        args.node,
+        timeout=args.timeout,
+        memory=args.memory,
+        on_line=None if args.quiet else show,
+    )
+    verdict = "ok" if result.ok else "FAILED"
+    print(
+        f"qlimage vm {args.node}: {verdict}: {result.reason} ({result.seconds:.1f} s, "
+        f"accel {vm.accelerator()})",
+        file=sys.stderr,
+    )
+    if not result.ok:
+        if args.quiet:
+            print(result.tail(), file=sys.stderr)
+        return 1
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qlimage", description=__doc__)
+    p.add_argument("--version", action="version", version=f"qlimage {__version__}")
+    p.add_argument("-C", "--site", default=".", help="the site directory (default: .)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("validate", help="check every site file and resolve every image")
+    s.set_defaults(func=cmd_validate)
+    s = sub.add_parser("build", help="build what changed (doit run); extra args go to doit")
+    s.add_argument("doit_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_build)
+    s = sub.add_parser("doit", help="any doit command on the site's graph (list, info, forget...)")
+    s.add_argument("doit_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_doit)
+    s = sub.add_parser("vm", help="PXE-boot a node of the site in QEMU and stream its console")
+    s.add_argument("node")
+    s.add_argument("--timeout", type=float, default=240.0, help="seconds (default 240)")
+    s.add_argument("--memory", type=int, default=1024, help="MiB of guest memory")
+    s.add_argument("--quiet", action="store_true", help="print the console only on failure")
+    s.set_defaults(func=cmd_vm)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    args = parser().parse_args(argv)
+    try:
+        site = load_site(args.site)
+        status = args.func(site, args)
+    except QlimageError as e:
+        if args.debug:
+            traceback.print_exc()
+        report(e)
+        sys.exit(e.exit_status)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:
+        if args.debug:
+            raise
+        exc = sys.exc_info()[1]
+        print(
+            f"qlimage: internal error: {exc!r} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(70)
+    sys.exit(status)

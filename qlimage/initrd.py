@@ -1,0 +1,198 @@
+"""The initrd: busybox, /init and just the kernel modules needed to fetch and mount the image.
+
+Nothing image- or site-specific is baked in (all of that comes from the kernel command line), so
+one initrd per kernel serves every image of the site.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+
+from qlimage.atomic import atomic_path
+from qlimage.errors import BuildError
+from qlimage.run import run
+from qlimage.trees import clamp_mtimes, walk
+
+# Applets /init and the udhcpc hook call; links for them are created in /bin.
+APPLETS = (
+    "sh",
+    "mount",
+    "umount",
+    "mkdir",
+    "cat",
+    "echo",
+    "insmod",
+    "ip",
+    "ifconfig",
+    "route",
+    "udhcpc",
+    "wget",
+    "sha256sum",
+    "cut",
+    "tr",
+    "sleep",
+    "switch_root",
+    "setsid",
+    "uname",
+    "rm",
+    "cp",
+    "ls",
+    "dmesg",
+    "ps",
+    "grep",
+    "sed",
+    "mdev",
+)
+
+
+def read_modules_dep(path: Path) -> dict[str, list[str]]:
+    """modules.dep as {module name: [dependency paths..., own path]} (own path last)."""
+    deps: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if ":" not in line:
+            continue
+        own, _, rest = line.partition(":")
+        deps[module_name(own)] = [*reversed(rest.split()), own]
+    return deps
+
+
+def module_name(path: str) -> str:
+    base = Path(path).name.split(".ko")[0]
+    return base.replace("-", "_")
+
+
+def builtin_modules(path: Path) -> set[str]:
+    return {module_name(line) for line in path.read_text().splitlines() if line}
+
+
+def module_load_order(modules_dir: Path, wanted: Iterable[str]) -> list[str]:
+    """Module files to insmod, dependencies before dependants, each once.
+
+    modules.dep lists a module's dependencies so that loading them from last to first works;
+    wanted modules that are built into the kernel are skipped, unknown ones are an error.
+    """
+    deps = read_modules_dep(modules_dir / "modules.dep")
+    builtin = builtin_modules(modules_dir / "modules.builtin")
+    order: list[str] = []
+    for name in wanted:
+        key = name.replace("-", "_")
+        if key in builtin:
+            continue
+        if key not in deps:
+            raise BuildError(
+                f"initrd module {name!r} is not in {modules_dir}/modules.dep",
+                hint="check initrd.modules in site.toml",
+            )
+        for path in deps[key]:
+            if path not in order:
+                order.append(path)
+    return order
+
+
+def copy_module(src: Path, dst: Path) -> Path:
+    """Copy a module into the initrd, decompressing .ko.xz so busybox insmod can load it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.suffix == ".xz":
+        dst = dst.with_suffix("")
+        dst.write_bytes(lzma.decompress(src.read_bytes()))
+    else:
+        shutil.copyfile(src, dst)
+    os.chmod(dst, 0o644)
+    return dst
+
+
+def data_file(name: str) -> bytes:
+    return resources.files("qlimage").joinpath(f"data/{name}").read_bytes()
+
+
+def populate_initrd(
+    root: Path, *, busybox: Path, kernel_modules: Path, kver: str, modules: Iterable[str]
+) -> None:
+    for d in ("bin", "sbin", "dev", "proc", "sys", "run", "tmp", "etc/qlustar", "newroot", "union"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    os.chmod(root / "tmp", 0o1777)
+    shutil.copyfile(busybox, root / "bin/busybox")
+    os.chmod(root / "bin/busybox", 0o755)
+    for applet in APPLETS:
+        os.symlink("busybox", root / "bin" / applet)
+    for name, mode in (("init", 0o755), ("udhcpc.script", 0o755)):
+        target = root / name if name == "init" else root / "etc/qlustar" / name
+        target.write_bytes(data_file(name))
+        os.chmod(target, mode)
+    order = module_load_order(kernel_modules, modules)
+    loaded = []
+    for rel in order:
+        dst = copy_module(kernel_modules / rel, root / "lib/modules" / kver / rel)
+        loaded.append(dst.relative_to(root / "lib/modules" / kver).as_posix())
+    (root / "etc/qlustar/modules.order").write_text("".join(f"{m}\n" for m in loaded))
+    normalize_modes(root)
+
+
+def normalize_modes(root: Path) -> None:
+    """Directories 0755 (/tmp 1777), plain data files 0644: the umask must not reach the bytes."""
+    for path in walk(root):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, 0o1777 if path == root / "tmp" else 0o755)
+        elif not os.access(path, os.X_OK) or path.suffix == ".ko":
+            os.chmod(path, 0o644)
+
+
+def make_cpio(root: Path, output: Path, epoch: int) -> None:
+    """A newc cpio of `root`, byte-identical for identical trees.
+
+    Sorted names, owners forced to 0:0, mtimes clamped, --reproducible (fixed inode and device
+    numbers); compressed with gzip -n so no name or time lands in the header.
+    """
+    clamp_mtimes(root, epoch)
+    names = b"".join(os.fsencode(p.relative_to(root)) + b"\0" for p in walk(root))
+    with atomic_path(output) as tmp:
+        archive = run(
+            [
+                "cpio",
+                "--create",
+                "--null",
+                "--quiet",
+                "--reproducible",
+                "-H",
+                "newc",
+                "-R",
+                "0:0",
+            ],
+            cwd=root,
+            input=names,
+            capture=True,
+        ).stdout
+        tmp.write_bytes(run(["gzip", "-n", "-9"], input=archive, capture=True).stdout)
+        os.chmod(tmp, 0o644)
+
+
+def build_initrd(
+    output: Path,
+    *,
+    busybox: Path,
+    kernel_modules: Path,
+    kver: str,
+    modules: Iterable[str],
+    epoch: int,
+    extra: Mapping[str, bytes] | None = None,
+) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".initrd.", dir=output.parent) as tmp:
+        root = Path(tmp) / "root"
+        root.mkdir()
+        os.chmod(root, 0o755)
+        populate_initrd(
+            root, busybox=busybox, kernel_modules=kernel_modules, kver=kver, modules=modules
+        )
+        for rel, data in (extra or {}).items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        make_cpio(root, output, epoch)

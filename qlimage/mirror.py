@@ -1,0 +1,34 @@
+"""The site's view of the Debian archive: which sources, where the cache lives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlimage.archive import Archive, Source, host_sources
+from qlimage.site import Site
+
+
+def site_sources(site: Site) -> list[Source]:
+    """The sources site.toml names, else the head's own apt sources."""
+    if not site.archive.sources:
+        return host_sources()
+    return [
+        Source(uri, suite, components)
+        for uri, suites, components in site.archive.sources
+        for suite in suites
+    ]
+
+
+def open_archive(site: Site) -> Archive:
+    return Archive(
+        site_sources(site),
+        arch=site.archive.arch,
+        cache_dir=site.paths.cache,
+        max_index_age=site.archive.index_max_age,
+    )
+
+
+def fetch_package(site: Site, name: str) -> Path:
+    """Download (or reuse from the cache) the newest `name` .deb; return its path."""
+    archive = open_archive(site)
+    return archive.download(archive.package(name))

@@ -1,0 +1,107 @@
+"""pxelinux: the TFTP tree, one config per boot config, `default`, and per-host HOSTID links."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import jinja2
+
+from qlimage.atomic import atomic_path, symlink, write_text
+from qlimage.errors import ToolMissing
+from qlimage.site import BootConfig, Site
+
+# Where Debian's pxelinux and syslinux-common packages put the BIOS PXE loader and its library.
+PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
+LDLINUX = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+KERNEL_PATH = "qlustar/boot/vmlinuz"
+INITRD_PATH = "qlustar/boot/initrd.img"
+HOSTS_INDEX = ".hosts"
+
+_env = jinja2.Environment(
+    loader=jinja2.PackageLoader("qlimage", "templates"),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    autoescape=False,
+)
+
+
+def hostid(address: str) -> str:
+    """The file name pxelinux tries for a client: its IPv4 address in upper-case hex."""
+    return f"{int(ipaddress.IPv4Address(address)):08X}"
+
+
+def image_path(image: str) -> str:
+    return f"images/{image}.img"
+
+
+def kernel_command_line(site: Site, bootconfig: BootConfig) -> str:
+    args = [
+        f"console={site.console}",
+        f"qlustar.http={site.http_base}/qlustar",
+        f"qlustar.image={bootconfig.image}",
+        f"qlustar.path={image_path(bootconfig.image)}",
+        f"qlustar.sum={image_path(bootconfig.image)}.sha256",
+        f"qlustar.bootcfg={bootconfig.name}",
+    ]
+    return " ".join([*args, *bootconfig.append.split()])
+
+
+def render_config(site: Site, bootconfig: BootConfig | None, config_name: str) -> str:
+    if bootconfig is None:
+        return _env.get_template("pxelinux-unregistered.cfg.j2").render(serial=site.serial)
+    return _env.get_template("pxelinux.cfg.j2").render(
+        serial=site.serial,
+        config_name=config_name,
+        bootconfig=bootconfig,
+        kernel=KERNEL_PATH,
+        initrd=INITRD_PATH,
+        append=kernel_command_line(site, bootconfig),
+    )
+
+
+def configs(site: Site) -> dict[str, str]:
+    """{file name in pxelinux.cfg: content}: `default` plus one file per boot config."""
+    out = {name: render_config(site, bc, name) for name, bc in site.bootconfigs.items()}
+    default = site.bootconfigs.get(site.default_bootconfig or "")
+    out["default"] = render_config(site, default, "default")
+    return out
+
+
+def host_links(site: Site) -> dict[str, str]:
+    """{HOSTID: boot config file name} for every host."""
+    return {hostid(site.boot_address(h)): h.bootconfig for h in site.hosts}
+
+
+def write_configs(site: Site, directory: Path) -> None:
+    for name, text in configs(site).items():
+        write_text(directory / name, text)
+
+
+def write_links(links: Mapping[str, str], directory: Path) -> None:
+    """Make the HOSTID links exactly `links`: create, retarget, and remove stale ones."""
+    directory.mkdir(parents=True, exist_ok=True)
+    index = directory / HOSTS_INDEX
+    old = set(index.read_text().split()[::2]) if index.exists() else set()
+    for name, target in sorted(links.items()):
+        link = directory / name
+        if not (link.is_symlink() and os.readlink(link) == target):
+            symlink(link, target)
+    for name in sorted(old - links.keys()):
+        (directory / name).unlink(missing_ok=True)
+    write_text(index, "".join(f"{k} {v}\n" for k, v in sorted(links.items())))
+
+
+def install_tftp_tree(tftpboot: Path) -> None:
+    """pxelinux.0 and ldlinux.c32 from the host's packages, plus the seed's two links."""
+    for src, pkg in ((PXELINUX, "pxelinux"), (LDLINUX, "syslinux-common")):
+        if not src.exists():
+            raise ToolMissing(f"{src}: not found", hint=f"apt-get install {pkg}")
+        with atomic_path(tftpboot / src.name) as tmp:
+            shutil.copyfile(src, tmp)
+            os.chmod(tmp, 0o644)
+    symlink(tftpboot / "pxelinux.cfg", "../pxelinux.cfg")
+    symlink(tftpboot / "qlustar", "../qlustar")

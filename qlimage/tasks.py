@@ -1,0 +1,348 @@
+"""The doit task graph of a site. dodo.py and `qlimage build` both call `site_tasks`.
+
+Every task names the files it reads (`file_dep`) and writes (`targets`); trees enter the graph
+as manifest files that are rewritten at load time only when the tree changed; `config_changed`
+gets exactly the settings a task reads. So doit rebuilds what changed and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from doit.exceptions import TaskFailed
+from doit.tools import config_changed
+
+from qlimage import initrd, kernel, pxe, recipes, squashfs, stage
+from qlimage.atomic import atomic_path, write_text
+from qlimage.errors import QlimageError
+from qlimage.mirror import fetch_package
+from qlimage.pool import ModulePackage, resolve, scan_pool
+from qlimage.run import run
+from qlimage.site import Image, Site
+from qlimage.trees import file_digest, manifest
+
+Task = dict[str, Any]
+DEP_FILE = ".doit.db"
+
+
+def doit_config(site: Site) -> dict[str, Any]:
+    site.paths.bootfiles.mkdir(parents=True, exist_ok=True)
+    return {
+        "dep_file": str(site.paths.bootfiles / DEP_FILE),
+        "backend": "sqlite3",
+        "verbosity": 1,
+        "default_tasks": None,
+    }
+
+
+class Layout:
+    """Where every output of a site lives (the paths nodes fetch are in pxe.py)."""
+
+    def __init__(self, site: Site) -> None:
+        b = site.paths.bootfiles
+        self.bootfiles = b
+        self.tftpboot = b / "tftpboot"
+        self.pxelinux_cfg = b / "pxelinux.cfg"
+        self.qlustar = b / "qlustar"
+        self.kernel_dir = b / "kernel"
+        self.kernel_info = b / "kernel" / kernel.INFO
+        self.vmlinuz = self.qlustar / "boot/vmlinuz"
+        self.initrd = self.qlustar / "boot/initrd.img"
+        self.manifests = b / "manifests"
+
+    def image(self, name: str) -> Path:
+        return self.qlustar / pxe.image_path(name)
+
+    def image_sum(self, name: str) -> Path:
+        return self.image(name).with_name(self.image(name).name + ".sha256")
+
+    def image_modules(self, name: str) -> Path:
+        return self.qlustar / "images" / f"{name}.modules.json"
+
+    def stage(self, name: str) -> Path:
+        return self.bootfiles / "stage" / name
+
+    def stage_manifest(self, name: str) -> Path:
+        return self.bootfiles / "stage" / f"{name}.manifest"
+
+
+def sync_manifest(tree: Path, output: Path) -> Path:
+    """Write the tree's manifest to `output` only when it differs, so its mtime means change."""
+    text = manifest(tree)
+    if not output.exists() or output.read_text() != text:
+        write_text(output, text)
+    return output
+
+
+def module_pool(site: Site) -> list[ModulePackage]:
+    """The pool's .debs plus the ones recipes will build (known by name and version already)."""
+    pool = {m.path: m for m in scan_pool(site.paths.pool)}
+    for r in site.recipes:
+        path = recipes.recipe_output(site, r)
+        pool.setdefault(path, ModulePackage(r.package, r.module, r.flavor, r.version, path))
+    return list(pool.values())
+
+
+def resolve_image(site: Site, image: Image, pool: list[ModulePackage]) -> list[ModulePackage]:
+    return [resolve(pool, m, image.flavor, image.version) for m in image.modules]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the graph is made of, computed (and checked) before any task exists."""
+
+    site: Site
+    modules: dict[str, list[ModulePackage]]  # image name -> resolved modules, in image order
+
+
+def plan(site: Site) -> Plan:
+    pool = module_pool(site)
+    return Plan(site, {name: resolve_image(site, img, pool) for name, img in site.images.items()})
+
+
+def guarded(action: Callable[..., Any]) -> Callable[..., Any]:
+    """doit shows a user error as its one-line message instead of a traceback."""
+
+    @functools.wraps(action)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            action(*args, **kwargs)
+        except QlimageError as e:
+            return TaskFailed(str(e))
+        return None
+
+    return wrapper
+
+
+def package_data_digest() -> str:
+    """The node-side scripts baked into the initrd: a change to them rebuilds it."""
+    h = hashlib.sha256()
+    for name in ("init", "udhcpc.script"):
+        h.update(initrd.data_file(name))
+    return h.hexdigest()
+
+
+def group(basename: str, doc: str) -> Task:
+    """The entry `doit list` shows for a group of sub-tasks."""
+    return {"basename": basename, "name": None, "doc": doc}
+
+
+def task_modules(site: Site) -> Iterator[Task]:
+    layout = Layout(site)
+    yield group("module", "image-module .debs built from modules/*/recipe.toml")
+    for r in site.recipes:
+        files = sync_manifest(r.directory, layout.manifests / f"module-{r.module}.manifest")
+        yield {
+            "name": r.module,
+            "doc": f"build {r.deb_name()} from Debian packages and modules/{r.module}/",
+            "file_dep": [str(files)],
+            "targets": [str(recipes.recipe_output(site, r))],
+            "actions": [(lambda r=r: recipes.build_module(site, r) and None, [])],
+            "uptodate": [
+                config_changed({"arch": site.archive.arch, "epoch": site.source_date_epoch})
+            ],
+            "clean": True,
+        }
+
+
+def task_kernel(site: Site) -> Task:
+    layout = Layout(site)
+
+    def fetch_and_unpack() -> None:
+        kernel.unpack_kernel(kernel.kernel_deb(site), layout.kernel_dir)
+
+    return {
+        "doc": f"unpack the node kernel ({site.kernel_package}) and build its modules.dep",
+        "file_dep": [str(site.kernel_deb)] if site.kernel_deb else [],
+        "targets": [str(layout.kernel_info)],
+        "actions": [fetch_and_unpack],
+        "uptodate": [config_changed({"package": site.kernel_package, "deb": str(site.kernel_deb)})],
+    }
+
+
+def task_initrd(site: Site) -> Task:
+    layout = Layout(site)
+
+    def build() -> None:
+        k = kernel.read_kernel(layout.kernel_dir)
+        busybox_deb = fetch_package(site, "busybox-static")
+        with tempfile.TemporaryDirectory(dir=layout.bootfiles) as tmp:
+            run(["dpkg-deb", "-x", busybox_deb, tmp])
+            initrd.build_initrd(
+                layout.initrd,
+                busybox=Path(tmp, "bin/busybox"),
+                kernel_modules=k.modules,
+                kver=k.kver,
+                modules=site.initrd_modules,
+                epoch=site.source_date_epoch,
+            )
+        publish_copy(k.vmlinuz, layout.vmlinuz)
+
+    return {
+        "doc": "initrd (busybox, /init, NIC and image modules) and the kernel",
+        "file_dep": [str(layout.kernel_info)],
+        "targets": [str(layout.initrd), str(layout.vmlinuz)],
+        "actions": [build],
+        "uptodate": [
+            config_changed(
+                {
+                    "modules": list(site.initrd_modules),
+                    "scripts": package_data_digest(),
+                    "epoch": site.source_date_epoch,
+                }
+            )
+        ],
+    }
+
+
+def publish_copy(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
+
+
+def task_images(site: Site, resolved_modules: dict[str, list[ModulePackage]]) -> Iterator[Task]:
+    layout = Layout(site)
+    yield group("stage", "staged root tree per image (modules combined), as a manifest")
+    yield group("squashfs", "squashfs image per image, with .sha256 and the resolved modules")
+    for image in site.images.values():
+        modules = resolved_modules[image.name]
+        resolved = stage.resolved_modules_json(image, modules)
+        stage_manifest = layout.stage_manifest(image.name)
+
+        def do_stage(image: Image = image, modules: list[ModulePackage] = modules) -> None:
+            dest = layout.stage(image.name)
+            stage.stage_image(site, image, modules, dest)
+            stage.write_manifest(dest, layout.stage_manifest(image.name))
+
+        yield {
+            "basename": "stage",
+            "name": image.name,
+            "doc": f"stage image {image.name}: "
+            + ", ".join(f"{m.module} {m.version}" for m in modules),
+            "file_dep": [str(m.path) for m in modules],
+            "targets": [str(stage_manifest)],
+            "actions": [do_stage],
+            "uptodate": [config_changed(resolved)],
+        }
+
+        def do_squashfs(image: Image = image, resolved: str = resolved) -> None:
+            img = layout.image(image.name)
+            squashfs.make_squashfs(
+                layout.stage(image.name),
+                img,
+                compressor=site.squashfs_compressor,
+                level=site.squashfs_level,
+                block_size=site.squashfs_block_size,
+                epoch=site.source_date_epoch,
+            )
+            write_text(layout.image_modules(image.name), resolved)
+            write_text(layout.image_sum(image.name), f"{file_digest(img)}  {img.name}\n")
+
+        yield {
+            "basename": "squashfs",
+            "name": image.name,
+            "doc": f"pack image {image.name} as squashfs ({site.squashfs_compressor}) with sha256",
+            "file_dep": [str(stage_manifest)],
+            "targets": [
+                str(layout.image(image.name)),
+                str(layout.image_sum(image.name)),
+                str(layout.image_modules(image.name)),
+            ],
+            "actions": [do_squashfs],
+            "uptodate": [
+                config_changed(
+                    {
+                        "compressor": site.squashfs_compressor,
+                        "level": site.squashfs_level,
+                        "block_size": site.squashfs_block_size,
+                        "epoch": site.source_date_epoch,
+                        "modules": resolved,
+                    }
+                )
+            ],
+        }
+
+
+def task_pxelinux(site: Site) -> Iterator[Task]:
+    layout = Layout(site)
+    configs = pxe.configs(site)
+    yield group("pxelinux", "pxelinux configs and per-host HOSTID links")
+    yield {
+        "name": "configs",
+        "doc": "write pxelinux.cfg/default and one config per boot config",
+        "file_dep": [],
+        "targets": [str(layout.pxelinux_cfg / n) for n in sorted(configs)],
+        "actions": [(pxe.write_configs, [site, layout.pxelinux_cfg])],
+        "uptodate": [config_changed(json.dumps(configs, sort_keys=True))],
+    }
+    links = pxe.host_links(site)
+    yield {
+        "name": "links",
+        "doc": "link pxelinux.cfg/<HOSTID> to each host's boot config",
+        "file_dep": [],
+        "targets": [str(layout.pxelinux_cfg / pxe.HOSTS_INDEX)],
+        "actions": [(pxe.write_links, [links, layout.pxelinux_cfg])],
+        "uptodate": [config_changed(json.dumps(links, sort_keys=True))],
+    }
+
+
+def task_tftpboot(site: Site) -> Task:
+    layout = Layout(site)
+    return {
+        "doc": "TFTP tree: pxelinux.0, ldlinux.c32 and the pxelinux.cfg and qlustar links",
+        "file_dep": [str(pxe.PXELINUX), str(pxe.LDLINUX)],
+        "targets": [
+            str(layout.tftpboot / n)
+            for n in ("pxelinux.0", "ldlinux.c32", "pxelinux.cfg", "qlustar")
+        ],
+        "actions": [(pxe.install_tftp_tree, [layout.tftpboot])],
+    }
+
+
+def guard(task: Task) -> Task:
+    task["actions"] = [
+        (guarded(a[0]), *a[1:]) if isinstance(a, tuple) else guarded(a)
+        for a in task.get("actions", [])
+    ]
+    return task
+
+
+def creator(make: Callable[[], Any]) -> Callable[[], Any]:
+    """A doit task creator: a dict for one task, a generator for a group (doit wants those)."""
+    tasks = make()
+    if isinstance(tasks, dict):
+        return lambda: guard(tasks)
+
+    def generate() -> Iterator[Task]:
+        for t in tasks:
+            yield guard(t)
+
+    return generate
+
+
+def site_tasks(site: Site) -> dict[str, Any]:
+    """`task_*` creators for doit's loader (names are what `doit list` shows).
+
+    The plan is made here, eagerly, so a site whose images cannot be resolved fails before
+    doit starts, with the same one-line errors as a schema problem.
+    """
+    p = plan(site)
+    makers: dict[str, Callable[[], Any]] = {
+        "module": lambda: task_modules(site),
+        "kernel": lambda: task_kernel(site),
+        "initrd": lambda: task_initrd(site),
+        "images": lambda: task_images(site, p.modules),
+        "pxelinux": lambda: task_pxelinux(site),
+        "tftpboot": lambda: task_tftpboot(site),
+    }
+    return {f"task_{name}": creator(make) for name, make in makers.items()}
