@@ -19,13 +19,22 @@ def site_sources(site: Site) -> list[Source]:
     ]
 
 
+_archives: dict[tuple[object, ...], Archive] = {}
+
+
 def open_archive(site: Site) -> Archive:
-    return Archive(
-        site_sources(site),
-        arch=site.archive.arch,
-        cache_dir=site.paths.cache,
-        max_index_age=site.archive.index_max_age,
-    )
+    """One Archive per set of sources in this process: its parsed indexes are reused by every
+    task of a build (parsing bookworm's indexes takes seconds)."""
+    sources = site_sources(site)
+    key = (tuple(sources), site.archive.arch, site.paths.cache, site.archive.index_max_age)
+    if key not in _archives:
+        _archives[key] = Archive(
+            sources,
+            arch=site.archive.arch,
+            cache_dir=site.paths.cache,
+            max_index_age=site.archive.index_max_age,
+        )
+    return _archives[key]
 
 
 def fetch_package(site: Site, name: str) -> Path:

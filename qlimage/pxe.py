@@ -38,7 +38,7 @@ def image_path(image: str) -> str:
     return f"images/{image}.img"
 
 
-def kernel_command_line(site: Site, bootconfig: BootConfig) -> str:
+def kernel_command_line(site: Site, bootconfig: BootConfig, config_name: str) -> str:
     args = [
         f"console={site.console}",
         f"qlustar.http={site.http_base}/qlustar",
@@ -46,6 +46,7 @@ def kernel_command_line(site: Site, bootconfig: BootConfig) -> str:
         f"qlustar.path={image_path(bootconfig.image)}",
         f"qlustar.sum={image_path(bootconfig.image)}.sha256",
         f"qlustar.bootcfg={bootconfig.name}",
+        f"qlustar.pxecfg={config_name}",  # which pxelinux.cfg file booted: default or a HOSTID link
     ]
     return " ".join([*args, *bootconfig.append.split()])
 
@@ -59,7 +60,7 @@ def render_config(site: Site, bootconfig: BootConfig | None, config_name: str) -
         bootconfig=bootconfig,
         kernel=KERNEL_PATH,
         initrd=INITRD_PATH,
-        append=kernel_command_line(site, bootconfig),
+        append=kernel_command_line(site, bootconfig, config_name),
     )
 
 

@@ -1,0 +1,31 @@
+#!/bin/sh
+# Prepare a Debian 12 machine for qlimage (as root): Debian packages, a virtual environment in
+# .venv and the package installed into it. Idempotent, and quick when everything is in place.
+set -eu
+cd "$(dirname "$0")/.."
+
+PACKAGES="python3 python3-venv squashfs-tools cpio dpkg-dev kmod gzip xz-utils zstd
+  pxelinux syslinux-common syslinux-utils qemu-system-x86 ipxe-qemu gpgv debian-archive-keyring
+  dnsmasq-base udpcast systemd ifupdown openssh-client diffoscope-minimal"
+
+missing=""
+for p in $PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "setup: installing Debian packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.qlimage-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+fi
