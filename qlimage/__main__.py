@@ -1,0 +1,3 @@
+from qlimage.cli import main
+
+main()

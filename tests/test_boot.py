@@ -1,0 +1,62 @@
+"""End-to-end: the built test site PXE-boots in QEMU (TCG) with the same code as `qlimage vm`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from qlimage import vm
+from qlimage.site import load_site
+from qlimage.tasks import Layout
+
+pytestmark = [pytest.mark.boot, pytest.mark.network]
+
+
+def console_of(result: vm.BootResult) -> str:
+    return "\n".join(result.console)
+
+
+def test_node_boots_through_its_host_config_to_init_qlustar(built_site: Path) -> None:
+    site = load_site(built_site)
+    result = vm.boot(site, "beo-01", timeout=240)
+    log = console_of(result)
+    assert result.ok, f"{result.reason}\n{result.tail(60)}"
+    # pxelinux used the per-host link (0A00020F -> compute), not `default`.
+    assert re.search(r"Command line: .*qlustar\.pxecfg=compute\b", log), log
+    assert "qlustar.pxecfg=default" not in log
+    assert "Linux version 6." in log  # the kernel ran
+    assert "qlustar: initrd started" in log  # the initrd's /init ran
+    assert re.search(r"qlustar: image demo sha256 ok \([0-9a-f]{64}\)", log)
+    sha = (Layout(site).image_sum("demo")).read_text().split()[0]
+    assert f"sha256 ok ({sha})" in log
+    assert "qlustar: union mounted" in log
+    # init.qlustar reports what the kernel says about the mounts: overlay root, squashfs below.
+    assert re.search(r"qlustar: root is overlay \(.*lowerdir=/union/image:/union/chroot", log)
+    assert "qlustar: union part /union/image is squashfs" in log
+    assert "qlustar: init.qlustar started" in log
+    # The boot config's extra parameter reached the kernel.
+    assert re.search(r"Command line: .* debug\b", log)
+
+
+def test_node_refuses_a_corrupted_image(built_site: Path, tmp_path: Path) -> None:
+    site = load_site(built_site)
+    good = Layout(site).image("demo")
+    bad = tmp_path / "demo.img"
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    result = vm.boot(
+        site,
+        "beo-01",
+        timeout=240,
+        overrides={"qlustar/images/demo.img": bad},
+        success=[r"qlustar: init\.qlustar started"],
+    )
+    log = console_of(result)
+    assert not result.ok, log
+    assert re.search(r"qlustar: ERROR: image demo sha256 mismatch .*refusing to boot", log), (
+        f"{result.reason}\n{result.tail(60)}"
+    )
+    assert "init.qlustar started" not in log
