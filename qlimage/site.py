@@ -67,6 +67,10 @@ class Host:
     addresses: tuple[HostAddress, ...]
     bootconfig: str
     source: str  # the nodes.d file that defines it, for error messages
+    # Effective options: each kind from the last assignment that sets it (see merge_options).
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # Where each option kind came from, e.g. {"mounts": "optionset compute (group rack1)"}.
+    option_sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def address_on(self, network: str) -> HostAddress | None:
         return next((a for a in self.addresses if a.network == network), None)
@@ -414,6 +418,7 @@ def load_hosts(
             seen[kind, value] = where
 
     boot_net = next((n for n in networks.values() if n.boot), None)
+    files: list[tuple[str, dict[str, Any]]] = []
     for path in toml_files(paths.nodes):
         where = rel(path, paths.root)
         raw = read_toml(path, problems, where)
@@ -423,6 +428,9 @@ def load_hosts(
         if errors:
             problems += errors
             continue
+        files.append((where, raw))
+    optionsets, groups = collect_named(files, problems)
+    for where, raw in files:
         for i, h in enumerate(raw.get("hosts", [])):
             at = f"{where}: .hosts[{i}]"
             claim("name", h["name"], at + ".name")
@@ -453,8 +461,112 @@ def load_hosts(
             if boot_net is not None and boot_net.name not in h["networks"]:
                 problems.append(f"{at}.networks: no address on the boot network {boot_net.name!r}")
             bootconfig = host_bootconfig(h, images, bootconfigs, at, problems)
-            hosts.append(Host(h["name"], h["mac"].lower(), tuple(addresses), bootconfig, where))
+            options, sources = merge_options(h, optionsets, groups, at, problems)
+            check_options(options, sources, h, paths, at, problems)
+            hosts.append(
+                Host(
+                    h["name"],
+                    h["mac"].lower(),
+                    tuple(addresses),
+                    bootconfig,
+                    where,
+                    MappingProxyType(options),
+                    MappingProxyType(sources),
+                )
+            )
     return hosts
+
+
+def collect_named(
+    files: list[tuple[str, dict[str, Any]]], problems: list[str]
+) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, tuple[str, dict[str, Any]]]]:
+    """Option sets and groups from every nodes.d file: {name: (defining file, definition)}."""
+    optionsets: dict[str, tuple[str, dict[str, Any]]] = {}
+    groups: dict[str, tuple[str, dict[str, Any]]] = {}
+    for where, raw in files:
+        for kind, table in (("optionsets", optionsets), ("groups", groups)):
+            for name, value in raw.get(kind, {}).items():
+                if name in table:
+                    problems.append(f"{where}: .{kind}.{name}: already defined in {table[name][0]}")
+                else:
+                    table[name] = (where, value)
+    for name, (where, group) in groups.items():
+        for j, ref in enumerate(group.get("optionsets", [])):
+            if ref not in optionsets:
+                problems.append(
+                    f"{where}: .groups.{name}.optionsets[{j}]: unknown option set {ref!r}"
+                    f" (defined: {', '.join(sorted(optionsets)) or 'none'})"
+                )
+    return optionsets, groups
+
+
+def merge_options(
+    h: Mapping[str, Any],
+    optionsets: Mapping[str, tuple[str, dict[str, Any]]],
+    groups: Mapping[str, tuple[str, dict[str, Any]]],
+    at: str,
+    problems: list[str],
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A host's effective options. Assignments apply in this order, each option kind of a later
+    one replacing the same kind of an earlier one as a whole:
+
+    1. the option sets of the host's groups, group by group in the host's `groups` order, and
+       within a group in its `optionsets` order;
+    2. the host's own `optionsets`, in order;
+    3. the host's inline `options` table.
+    """
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    for j, g in enumerate(h.get("groups", [])):
+        if g not in groups:
+            problems.append(f"{at}.groups[{j}]: unknown group {g!r}"
+                            f" (defined: {', '.join(sorted(groups)) or 'none'})")  # fmt: skip
+            continue
+        for ref in groups[g][1].get("optionsets", []):
+            if ref in optionsets:
+                layers.append((f"optionset {ref} (group {g})", optionsets[ref][1]))
+    for j, ref in enumerate(h.get("optionsets", [])):
+        if ref not in optionsets:
+            problems.append(f"{at}.optionsets[{j}]: unknown option set {ref!r}"
+                            f" (defined: {', '.join(sorted(optionsets)) or 'none'})")  # fmt: skip
+            continue
+        layers.append((f"optionset {ref}", optionsets[ref][1]))
+    if "options" in h:
+        layers.append(("host options", h["options"]))
+    options: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for origin, layer in layers:
+        for kind, value in layer.items():
+            options[kind] = value
+            sources[kind] = origin
+    return options, sources
+
+
+def check_options(
+    options: Mapping[str, Any],
+    sources: Mapping[str, str],
+    h: Mapping[str, Any],
+    paths: Paths,
+    at: str,
+    problems: list[str],
+) -> None:
+    """What the schema cannot know: referenced networks, rootfs configs and chroots exist."""
+
+    def bad(kind: str, message: str) -> None:
+        problems.append(f"{at}: {kind} (from {sources[kind]}): {message}")
+
+    for iface in options.get("network", {}).get("interfaces", []):
+        net = iface.get("network")
+        if net is not None and net not in h["networks"]:
+            bad("network", f"interface {iface['device']}: host has no address on network {net!r}")
+    ipmi = options.get("ipmi")
+    if ipmi is not None and ipmi["network"] not in h["networks"]:
+        bad("ipmi", f"host has no address on network {ipmi['network']!r}")
+    for name in options.get("rootfs", []):
+        if not (paths.rootfs / name).is_dir():
+            bad("rootfs", f"no Root FS Customization config {name!r} under {paths.rootfs}")
+    chroot = options.get("chroot")
+    if chroot is not None and not (paths.chroots / chroot).exists():
+        bad("chroot", f"no chroot {chroot!r} under {paths.chroots}")
 
 
 def host_bootconfig(
