@@ -9,6 +9,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# Every temporary path starts with this, so a build killed at any point leaves only things the
+# next build recognises and removes (publish.remove_stale).
+TMP_PREFIX = ".qlimage-tmp."
+
 
 @contextlib.contextmanager
 def atomic_path(target: Path, *, directory: bool = False) -> Iterator[Path]:
@@ -17,7 +21,7 @@ def atomic_path(target: Path, *, directory: bool = False) -> Iterator[Path]:
     On any exception the temporary path is removed and `target` is left as it was.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}.", dir=target.parent))
     work = tmp / target.name
     try:
         if directory:

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from qlimage.atomic import TMP_PREFIX
 from qlimage.run import run
 
 REQUIRED_FIELDS = ("Package", "Version", "Architecture", "Maintainer", "Description")
@@ -46,7 +47,7 @@ def build_deb(
     output.parent.mkdir(parents=True, exist_ok=True)
     # Beside `output` so that hardlinking the tree and the final os.replace stay on one
     # filesystem; the dot prefix keeps it out of `*.deb` globs over the pool.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{output.name}.", dir=output.parent))
     try:
         root = tmp / "root"
         link_tree(tree, root)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 
-from qlimage.atomic import atomic_path
+from qlimage.atomic import TMP_PREFIX, atomic_path
 from qlimage.errors import BuildError
 from qlimage.run import run
 from qlimage.trees import clamp_mtimes, walk
@@ -185,7 +185,7 @@ def build_initrd(
     extra: Mapping[str, bytes] | None = None,
 ) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".initrd.", dir=output.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "initrd.", dir=output.parent) as tmp:
         root = Path(tmp) / "root"
         root.mkdir()
         os.chmod(root, 0o755)

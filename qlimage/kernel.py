@@ -15,7 +15,7 @@ from pathlib import Path
 
 from debian.debfile import DebFile
 
-from qlimage.atomic import atomic_path
+from qlimage.atomic import TMP_PREFIX, atomic_path
 from qlimage.errors import BuildError
 from qlimage.mirror import open_archive
 from qlimage.run import run
@@ -60,7 +60,7 @@ def kernel_deb(site: Site) -> Path:
 def unpack_kernel(deb: Path, dest: Path) -> Kernel:
     """Unpack `deb` into `dest` (replaced atomically) and describe it in kernel.json."""
     control = DebFile(str(deb)).debcontrol()
-    with tempfile.TemporaryDirectory(prefix=".unpack.", dir=dest.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "unpack.", dir=dest.parent) as tmp:
         run(["dpkg-deb", "-x", deb, tmp])
         images = sorted(Path(tmp, "boot").glob("vmlinuz-*"))
         if not images:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from qlimage.archive import BinaryPackage
+from qlimage.atomic import TMP_PREFIX
 from qlimage.debpack import build_deb
 from qlimage.errors import BuildError
 from qlimage.mirror import open_archive
@@ -101,7 +102,7 @@ def build_module(site: Site, recipe: Recipe) -> Path:
     debs = [(pkg, archive.download(pkg)) for pkg in closure]
     output = recipe_output(site, recipe)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".module.", dir=output.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "module.", dir=output.parent) as tmp:
         tree = Path(tmp) / "tree"
         tree.mkdir()
         os.chmod(tree, 0o755)

@@ -22,7 +22,7 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from qlimage import initrd, kernel, pxe, recipes, squashfs, stage
-from qlimage.atomic import atomic_path, write_text
+from qlimage.atomic import TMP_PREFIX, atomic_path, write_text
 from qlimage.errors import QlimageError
 from qlimage.mirror import fetch_package
 from qlimage.pool import ModulePackage, resolve, scan_pool
@@ -175,7 +175,7 @@ def task_initrd(site: Site) -> Task:
     def build() -> None:
         k = kernel.read_kernel(layout.kernel_dir)
         busybox_deb = fetch_package(site, "busybox-static")
-        with tempfile.TemporaryDirectory(dir=layout.bootfiles) as tmp:
+        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=layout.bootfiles) as tmp:
             run(["dpkg-deb", "-x", busybox_deb, tmp])
             initrd.build_initrd(
                 layout.initrd,

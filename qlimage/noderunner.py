@@ -1,0 +1,977 @@
+#!/usr/bin/python3
+"""qlustar-runner: the boot-time node runner of a Qlustar-style node OS image.
+
+The qlimage pipeline copies this file verbatim into every node image as
+/usr/lib/qlustar/qlustar-runner, so it uses nothing but the Python standard library and
+imports nothing from qlimage.  /sbin/init.qlustar calls it once after udev and before the
+final init (the role of QluMan execd's one-shot configure mode):
+
+ 1. read the node's identity from /proc/cmdline (qlustar.http=, BOOTIF=, debug) and the
+    initrd's DHCP lease in /run/qlustar/net.env;
+ 2. fetch <qlustar.http>/nodes/<mac>/bundle.json and its .sha256 from the head, verify and
+    validate the whole bundle before anything is written;
+ 3. write the bundle's files, directories and symlinks atomically;
+ 4. perform the bundle's actions (hostname, IPMI address, commands);
+ 5. run the executables in /lib/qlustar/init.d in byte-wise sorted order.
+
+Everything is reported as `qlustar: ...` lines on the console and logged under
+/var/log/qlustar.  Exit statuses: see EXIT_* below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import grp
+import hashlib
+import http.client
+import ipaddress
+import json
+import os
+import pwd
+import re
+import secrets
+import shlex
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+# Exit statuses (init.qlustar only logs a non-zero status and continues to the final init).
+EXIT_OK = 0  # bundle applied; failed actions/scripts are reported in the summary line
+EXIT_INTERNAL = 1  # unexpected error in the runner itself (a bug; traceback in runner.log)
+EXIT_USAGE = 2  # bad command-line arguments (argparse)
+EXIT_UNCONFIGURED = 3  # no usable bundle: nothing was written, no actions, no scripts
+EXIT_PARTIAL = 4  # writing the bundle failed part-way: actions and scripts were skipped
+
+BUNDLE_FORMAT = 1
+
+# Paths on the node.  Module-level (and read at call time) so tests can redirect them.
+CMDLINE_FILE = "/proc/cmdline"
+NET_ENV_FILE = "/run/qlustar/net.env"
+SYS_NET_DIR = "/sys/class/net"
+LOG_DIR = "/var/log/qlustar"
+INIT_D_DIR = "/lib/qlustar/init.d"
+HOSTNAME_FILE = "/etc/hostname"
+
+# Used when the environment has no PATH: init.qlustar runs us with a minimal environment.
+SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+FETCH_TIMEOUT = 20.0  # seconds per HTTP request
+# Pauses between fetch attempts: the head's web server or the network may need a moment
+# right after the NIC came up, but a node must not hang in boot for long.
+RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0, 4.0)
+# A hung command must not block the boot forever, yet disk initialization scripts may
+# legitimately take a long time.
+COMMAND_TIMEOUT = 3600.0
+
+Fetcher = Callable[[str], bytes]
+Runner = Callable[[Sequence[str]], tuple[int, str]]
+
+
+class BundleError(Exception):
+    """The bundle cannot be used; the node stays unconfigured."""
+
+
+class FetchError(BundleError):
+    """The bundle could not be fetched or its checksum does not match."""
+
+
+# --------------------------------------------------------------------------------------
+# Reporting
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class Reporter:
+    """`qlustar: ...` lines on the console for the admin watching the boot; the same
+    lines plus details and command output in runner.log."""
+
+    def __init__(self, *, debug: bool = False) -> None:
+        self.debug = debug
+        self._log: TextIO | None = None
+
+    def open_log(self, log_dir: str) -> None:
+        try:
+            create_log_dir(log_dir)
+            # Kept open for the whole run and closed by close().
+            self._log = open(  # noqa: SIM115
+                os.path.join(log_dir, "runner.log"), "a", encoding="utf-8"
+            )
+        except OSError as e:
+            # Logging is a convenience; configuring the node matters more.
+            self.warn(f"cannot open {log_dir}/runner.log ({e}); logging to the console only")
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def step(self, message: str) -> None:
+        self._console(message)
+        self._write(message)
+
+    def warn(self, message: str) -> None:
+        self.step(f"WARNING: {message}")
+
+    def error(self, message: str) -> None:
+        self.step(f"ERROR: {message}")
+
+    def detail(self, message: str) -> None:
+        """Always logged; shown on the console only with `debug` on the kernel cmdline."""
+        self._write(message)
+        if self.debug:
+            self._console(message)
+
+    def output(self, label: str, text: str) -> None:
+        """Log a command's output, one line per output line, tagged with `label`."""
+        for line in text.splitlines():
+            self.detail(f"[{label}] {line}")
+
+    def _console(self, message: str) -> None:
+        # Looked up per call: the console stream may be replaced (and is, under pytest).
+        print(f"qlustar: {message}", file=sys.stdout, flush=True)
+
+    def _write(self, message: str) -> None:
+        if self._log is None:
+            return
+        try:
+            self._log.write(f"{timestamp()} {message}\n")
+            self._log.flush()  # the node may hang or be reset at any later point
+        except OSError:
+            self._log = None
+
+
+def create_log_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        os.chmod(path, 0o755)  # independent of the umask
+
+
+def append_file(path: str, text: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+# --------------------------------------------------------------------------------------
+# Node identity: kernel command line and the initrd's DHCP lease
+
+
+def parse_cmdline(text: str) -> dict[str, str]:
+    """Kernel parameters as a dict; a bare flag such as `debug` maps to ""."""
+    try:
+        tokens = shlex.split(text)  # the kernel accepts double-quoted values
+    except ValueError:
+        tokens = text.split()
+    params: dict[str, str] = {}
+    for token in tokens:
+        key, _, value = token.partition("=")
+        params[key] = value
+    return params
+
+
+def parse_net_env(text: str) -> dict[str, str]:
+    """Shell-style KEY=value lines as written by the initrd's udhcpc hook."""
+    env: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        # DNS='10.0.2.3 10.0.2.4'; on an unbalanced quote keep the raw value.
+        with contextlib.suppress(ValueError):
+            value = " ".join(shlex.split(value))
+        env[key.strip()] = value
+    return env
+
+
+_OCTET = re.compile(r"^[0-9a-f]{2}$")
+
+
+def mac_from_bootif(value: str) -> str | None:
+    """`01-52-54-00-12-34-56` (pxelinux: ARP hardware type, then the MAC) -> `52:54:00:...`."""
+    parts = value.strip().lower().replace(":", "-").split("-")
+    if len(parts) == 7:
+        parts = parts[1:]
+    if len(parts) != 6 or not all(_OCTET.match(p) for p in parts):
+        return None
+    return ":".join(parts)
+
+
+def mac_from_nic(nic: str) -> str | None:
+    """Fallback when the boot loader passed no BOOTIF: the MAC of the NIC the initrd used."""
+    if not nic or "/" in nic:
+        return None
+    try:
+        with open(os.path.join(SYS_NET_DIR, nic, "address"), encoding="ascii") as f:
+            return mac_from_bootif(f.read())
+    except OSError:
+        return None
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def bundle_url(base: str, mac: str) -> str:
+    return f"{base.rstrip('/')}/nodes/{mac.replace(':', '-').lower()}/bundle.json"
+
+
+def check_base_url(base: str) -> None:
+    parsed = urllib.parse.urlsplit(base)
+    # Only the head's web server may configure a node; a file:// URL would read node files.
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise BundleError(f"qlustar.http={base!r} is not an http(s) URL")
+
+
+# --------------------------------------------------------------------------------------
+# Fetching and verifying
+
+
+def fetch_url(url: str) -> bytes:
+    """GET `url`; raises OSError (URLError, HTTPError, TimeoutError) or
+    http.client.HTTPException on failure."""
+    # No proxies: the head is on the cluster network, and a stray http_proxy in the boot
+    # environment must not divert the node's configuration.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers={"User-Agent": "qlustar-runner/1"})
+    with opener.open(request, timeout=FETCH_TIMEOUT) as response:
+        data: bytes = response.read()
+        return data
+
+
+def is_permanent(error: Exception) -> bool:
+    """A 404 means the head has no bundle for this node: retrying will not help."""
+    if isinstance(error, urllib.error.HTTPError):
+        return 400 <= error.code < 500 and error.code not in (408, 429)
+    return isinstance(error, ValueError)  # malformed URL
+
+
+def parse_checksum_file(data: bytes) -> str:
+    """`<hex>  bundle.json` (sha256sum format) -> the hex digest."""
+    words = data.decode("ascii", errors="replace").split()
+    digest = words[0].lower() if words else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise FetchError("bundle.json.sha256 does not hold a sha256 digest")
+    return digest
+
+
+def fetch_verified(url: str, fetch: Fetcher) -> tuple[bytes, str]:
+    """One attempt: the bundle and its checksum file, verified. Returns (bytes, hex digest)."""
+    data = fetch(url)
+    expected = parse_checksum_file(fetch(url + ".sha256"))
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise FetchError(f"checksum mismatch for {url}: got {actual}, expected {expected}")
+    return data, actual
+
+
+def fetch_bundle(url: str, fetch: Fetcher, reporter: Reporter) -> tuple[bytes, str]:
+    """Fetch and verify with a few retries; a mismatch is retried too, since the head
+    may have been rewriting the bundle between our two requests."""
+    delays = [*RETRY_DELAYS, None]
+    for attempt, delay in enumerate(delays, 1):
+        try:
+            return fetch_verified(url, fetch)
+        # HTTPException: e.g. IncompleteRead when the connection drops mid-transfer.
+        except (OSError, ValueError, http.client.HTTPException, FetchError) as e:
+            reason = describe_error(e)
+            if delay is None or is_permanent(e):
+                raise FetchError(f"cannot fetch bundle {url}: {reason}") from e
+            reporter.detail(f"fetch attempt {attempt} failed ({reason}); retrying in {delay:g}s")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def describe_error(error: Exception) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        return str(error.reason)
+    return str(error) or type(error).__name__
+
+
+# --------------------------------------------------------------------------------------
+# The bundle: parsing and validation (all of it happens before anything is written)
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    type: str  # "file" | "dir" | "symlink"
+    uid: int
+    gid: int
+    owner: str | None = None
+    group: str | None = None
+    mode: int | None = None  # files and directories
+    data: bytes | None = None  # files
+    target: str | None = None  # symlinks
+
+
+@dataclass(frozen=True)
+class HostnameAction:
+    name: str
+
+
+@dataclass(frozen=True)
+class IpmiAction:
+    address: str
+    netmask: str
+    gateway: str
+    channel: int
+
+
+@dataclass(frozen=True)
+class CommandAction:
+    argv: tuple[str, ...]
+    description: str = ""
+
+
+Action = HostnameAction | IpmiAction | CommandAction
+
+
+@dataclass(frozen=True)
+class Bundle:
+    node: str
+    sha256: str
+    files: tuple[Entry, ...] = ()
+    actions: tuple[Action, ...] = ()
+
+
+_MODE = re.compile(r"^[0-7]{1,4}$")
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^{_HOST_LABEL}(?:\.{_HOST_LABEL})*$")
+_ID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown
+
+
+def parse_bundle(data: bytes, sha256: str) -> Bundle:
+    """Decode and validate the complete bundle; raises BundleError naming the bad field."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"bundle is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise BundleError("bundle is not a JSON object")
+    fmt = doc.get("format")
+    if type(fmt) is not int or fmt != BUNDLE_FORMAT:
+        raise BundleError(f"unsupported bundle format {fmt!r} (this runner reads {BUNDLE_FORMAT})")
+    node = require(doc, "node", str, "bundle")
+    files = require(doc, "files", list, "bundle")
+    actions = doc.get("actions", [])
+    if not isinstance(actions, list):
+        raise BundleError("bundle: 'actions' must be a list")
+    entries = tuple(parse_entry(i, item) for i, item in enumerate(files))
+    check_entry_order(entries)
+    return Bundle(
+        node=node,
+        sha256=sha256,
+        files=entries,
+        actions=tuple(parse_action(i, item) for i, item in enumerate(actions)),
+    )
+
+
+def require(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in obj:
+        raise BundleError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    # bool is an int subclass, but `"uid": true` is a head bug, not uid 1.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BundleError(f"{where}: field {key!r} must be of type {kind.__name__}")
+    return value
+
+
+def optional(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    return require(obj, key, kind, where) if key in obj else None
+
+
+def check_path(path: str, where: str) -> None:
+    if not path.startswith("/") or path.startswith("//"):
+        raise BundleError(f"{where}: path {path!r} is not absolute")
+    parts = path.split("/")[1:]
+    if ".." in parts:
+        raise BundleError(f"{where}: path {path!r} contains '..'")
+    if "\0" in path or path == "/" or any(p in ("", ".") for p in parts):
+        raise BundleError(f"{where}: path {path!r} is not a normalized file path")
+
+
+def parse_mode(value: str, where: str) -> int:
+    if not _MODE.match(value):
+        raise BundleError(f"{where}: mode {value!r} is not an octal file mode")
+    return int(value, 8)
+
+
+def parse_id(obj: dict[str, Any], key: str, where: str) -> int:
+    value: int = require(obj, key, int, where)
+    if not 0 <= value <= _ID_MAX:
+        raise BundleError(f"{where}: {key} {value} is out of range")
+    return value
+
+
+def parse_entry(index: int, item: object) -> Entry:
+    where = f"files[{index}]"
+    if not isinstance(item, dict):
+        raise BundleError(f"{where}: not a JSON object")
+    path = require(item, "path", str, where)
+    check_path(path, where)
+    where = f"{where} ({path})"
+    kind = require(item, "type", str, where)
+    uid, gid = parse_id(item, "uid", where), parse_id(item, "gid", where)
+    if kind == "symlink":
+        target = require(item, "target", str, where)
+        if not target or "\0" in target:
+            raise BundleError(f"{where}: invalid symlink target {target!r}")
+        owner, group = optional(item, "owner", str, where), optional(item, "group", str, where)
+        return Entry(path, kind, uid, gid, owner=owner, group=group, target=target)
+    if kind not in ("file", "dir"):
+        raise BundleError(f"{where}: unknown type {kind!r}")
+    mode = parse_mode(require(item, "mode", str, where), where)
+    owner, group = require(item, "owner", str, where), require(item, "group", str, where)
+    if not owner or not group:
+        raise BundleError(f"{where}: empty owner or group name")
+    if kind == "dir":
+        return Entry(path, kind, uid, gid, owner=owner, group=group, mode=mode)
+    data = decode_content(item, where)
+    return Entry(path, kind, uid, gid, owner=owner, group=group, mode=mode, data=data)
+
+
+def decode_content(item: dict[str, Any], where: str) -> bytes:
+    content: str = require(item, "content", str, where)
+    encoding = optional(item, "encoding", str, where) or "utf-8"
+    if encoding == "utf-8":
+        return content.encode("utf-8")
+    if encoding == "base64":
+        try:
+            return base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise BundleError(f"{where}: content is not valid base64: {e}") from e
+    raise BundleError(f"{where}: unknown encoding {encoding!r}")
+
+
+def ancestors(path: str) -> list[str]:
+    """/a/b/c -> ["/a/b", "/a"] (nearest first, "/" excluded)."""
+    result = []
+    parent = os.path.dirname(path)
+    while parent != "/":
+        result.append(parent)
+        parent = os.path.dirname(parent)
+    return result
+
+
+def check_entry_order(entries: Sequence[Entry]) -> None:
+    """No duplicates, and a directory listed in the bundle comes before its contents;
+    nothing may live below a file or symlink entry."""
+    index_of: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        if entry.path in index_of:
+            raise BundleError(f"files[{i}] ({entry.path}): duplicate path")
+        index_of[entry.path] = i
+    for i, entry in enumerate(entries):
+        for parent in ancestors(entry.path):
+            j = index_of.get(parent)
+            if j is None:
+                continue
+            if entries[j].type != "dir":
+                raise BundleError(
+                    f"files[{i}] ({entry.path}): parent {parent} is a {entries[j].type} entry"
+                )
+            if j > i:
+                raise BundleError(
+                    f"files[{i}] ({entry.path}): listed before its directory {parent}"
+                )
+
+
+def parse_action(index: int, item: object) -> Action:
+    where = f"actions[{index}]"
+    if not isinstance(item, dict):
+        raise BundleError(f"{where}: not a JSON object")
+    kind = require(item, "kind", str, where)
+    where = f"{where} ({kind})"
+    if kind == "hostname":
+        name = require(item, "name", str, where)
+        if len(name) > 253 or not _HOSTNAME.match(name):
+            raise BundleError(f"{where}: invalid host name {name!r}")
+        return HostnameAction(name)
+    if kind == "ipmi":
+        address, netmask, gateway = (
+            parse_ipv4(item, key, where) for key in ("address", "netmask", "gateway")
+        )
+        channel = require(item, "channel", int, where)
+        if not 0 <= channel <= 15:
+            raise BundleError(f"{where}: IPMI channel {channel} is out of range")
+        return IpmiAction(address, netmask, gateway, channel)
+    if kind == "command":
+        argv = require(item, "argv", list, where)
+        if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]:
+            raise BundleError(f"{where}: argv must be a non-empty list of strings")
+        description = optional(item, "description", str, where) or ""
+        return CommandAction(tuple(argv), description)
+    raise BundleError(f"{where}: unknown action kind")
+
+
+def parse_ipv4(item: dict[str, Any], key: str, where: str) -> str:
+    value: str = require(item, key, str, where)
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError as e:
+        raise BundleError(f"{where}: {key}: {e}") from e
+    return value
+
+
+def check_node_paths(entries: Sequence[Entry]) -> None:
+    """Refuse, before writing anything, entries that would collide with what is on the
+    node (e.g. a file where the image has a directory) and so fail half-way through."""
+    for i, entry in enumerate(entries):
+        where = f"files[{i}] ({entry.path})"
+        path = entry.path
+        if entry.type == "dir":
+            if os.path.lexists(path) and not os.path.isdir(path):
+                raise BundleError(f"{where}: exists on the node and is not a directory")
+        elif os.path.isdir(path) and not os.path.islink(path):
+            raise BundleError(f"{where}: is a directory on the node")
+        for parent in ancestors(path):
+            if os.path.lexists(parent):
+                if not os.path.isdir(parent):
+                    raise BundleError(f"{where}: {parent} is not a directory on the node")
+                break
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class PendingDir:
+    path: str
+    mode: int
+    uid: int
+    gid: int
+
+
+def resolve_uid(name: str | None, fallback: int, path: str, reporter: Reporter) -> int:
+    """The node's uid for `name`; looked up at write time because the bundle itself may
+    have just written /etc/passwd."""
+    if name is None:
+        return fallback
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        reporter.detail(f"user {name!r} unknown on node, using uid {fallback} for {path}")
+        return fallback
+
+
+def resolve_gid(name: str | None, fallback: int, path: str, reporter: Reporter) -> int:
+    if name is None:
+        return fallback
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        reporter.detail(f"group {name!r} unknown on node, using gid {fallback} for {path}")
+        return fallback
+
+
+def resolve_ids(entry: Entry, reporter: Reporter) -> tuple[int, int]:
+    return (
+        resolve_uid(entry.owner, entry.uid, entry.path, reporter),
+        resolve_gid(entry.group, entry.gid, entry.path, reporter),
+    )
+
+
+def temp_name(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.{secrets.token_hex(6)}.qlustar-tmp")
+
+
+def write_file(path: str, data: bytes, mode: int, uid: int, gid: int) -> None:
+    """Replace `path` atomically: readers see the old or the new file, never a part."""
+    directory, name = os.path.split(path)
+    # mkstemp creates the file 0600, so the content is never readable with a wrong mode.
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".qlustar-tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            set_owner_and_mode(f.fileno(), uid, gid, mode)
+        os.replace(tmp, path)  # a rename never follows a symlink at `path`
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def set_owner_and_mode(fd: int, uid: int, gid: int, mode: int) -> None:
+    # Through the open descriptor, so both surely hit the object we created, whatever
+    # happens to its name.  chown first: it clears setuid/setgid on regular files.
+    os.chown(fd, uid, gid)
+    os.chmod(fd, mode)
+
+
+def replace_symlink(path: str, target: str, uid: int, gid: int) -> None:
+    tmp = temp_name(path)
+    os.symlink(target, tmp)
+    try:
+        os.chown(tmp, uid, gid, follow_symlinks=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def create_parents(path: str, pending: list[PendingDir], reporter: Reporter) -> None:
+    """Create missing parent directories; they become 0755 root:root once filled."""
+    missing = [p for p in ancestors(path) if not os.path.lexists(p)]
+    for parent in reversed(missing):
+        os.mkdir(parent, 0o700)
+        pending.append(PendingDir(parent, 0o755, 0, 0))
+        reporter.detail(f"created parent directory {parent}")
+
+
+def apply_entry(entry: Entry, pending: list[PendingDir], reporter: Reporter) -> None:
+    create_parents(entry.path, pending, reporter)
+    uid, gid = resolve_ids(entry, reporter)
+    if entry.type == "dir":
+        assert entry.mode is not None
+        if not os.path.isdir(entry.path):
+            # Owner-only until finalized, so nothing is exposed while it is being filled.
+            os.mkdir(entry.path, 0o700)
+        pending.append(PendingDir(entry.path, entry.mode, uid, gid))
+        reporter.detail(f"directory {entry.path} ({entry.mode:04o} {uid}:{gid})")
+    elif entry.type == "file":
+        assert entry.data is not None and entry.mode is not None
+        write_file(entry.path, entry.data, entry.mode, uid, gid)
+        reporter.detail(
+            f"wrote {entry.path} ({len(entry.data)} bytes, {entry.mode:04o} {uid}:{gid})"
+        )
+    else:
+        assert entry.target is not None
+        replace_symlink(entry.path, entry.target, uid, gid)
+        reporter.detail(f"linked {entry.path} -> {entry.target}")
+
+
+def finalize_dirs(pending: Sequence[PendingDir]) -> None:
+    """Set directory owners and modes last, deepest first (like tar): a directory that
+    becomes e.g. 0500 or root-only must not stop us from writing its contents."""
+    first_error: OSError | None = None
+    for d in reversed(pending):
+        try:
+            fd = os.open(d.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                set_owner_and_mode(fd, d.uid, d.gid, d.mode)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            first_error = first_error or e
+    if first_error is not None:
+        raise first_error
+
+
+def apply_files(entries: Sequence[Entry], reporter: Reporter) -> None:
+    """Write all entries in bundle order; raises OSError on the first failure."""
+    pending: list[PendingDir] = []
+    try:
+        for entry in entries:
+            try:
+                apply_entry(entry, pending, reporter)
+            except OSError as e:
+                raise OSError(e.errno, f"{entry.path}: {e.strerror or e}") from e
+    finally:
+        # Even after a failure, leave no directory with its temporary 0700 mode.
+        finalize_dirs(pending)
+
+
+# --------------------------------------------------------------------------------------
+# Commands, actions and init.d scripts
+
+
+def exec_path() -> str:
+    return os.environ.get("PATH") or SEARCH_PATH
+
+
+def find_program(name: str) -> str | None:
+    for directory in exec_path().split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.stat(candidate).st_mode & 0o111:
+            return candidate
+    return None
+
+
+def run_command(argv: Sequence[str]) -> tuple[int, str]:
+    """Run argv (no shell), stdout+stderr combined. Returns (status, output); a signal
+    becomes 128+N and a program that cannot be started 126/127, as in the shell."""
+    env = dict(os.environ)
+    env.setdefault("PATH", SEARCH_PATH)
+    # Output goes to a file, not a pipe: a script that starts a daemon in the background
+    # would otherwise keep the pipe open and block us until the daemon exits.
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+        except FileNotFoundError as e:
+            return 127, f"{argv[0]}: {e.strerror}\n"
+        except OSError as e:
+            return 126, f"{argv[0]}: {e.strerror or e}\n"
+        note = ""
+        try:
+            status = proc.wait(timeout=COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            status, note = 124, f"killed after {COMMAND_TIMEOUT:g}s\n"
+        out.seek(0)
+        output = out.read().decode("utf-8", errors="replace") + note
+    return (128 - status if status < 0 else status), output
+
+
+def run_logged(argv: Sequence[str], run: Runner, reporter: Reporter, label: str) -> int:
+    reporter.detail(f"running {shlex.join(argv)}")
+    status, output = run(list(argv))
+    reporter.output(label, output)
+    if status != 0:
+        reporter.detail(f"{shlex.join(argv)} exited with status {status}")
+    return status
+
+
+def set_hostname(action: HostnameAction, run: Runner, reporter: Reporter) -> bool:
+    write_file(HOSTNAME_FILE, f"{action.name}\n".encode(), 0o644, 0, 0)
+    reporter.detail(f"wrote {HOSTNAME_FILE} ({action.name})")
+    if find_program("hostname") is None:
+        # systemd sets the kernel host name from /etc/hostname later anyway.
+        reporter.detail("hostname command not found; kernel host name left to systemd")
+        return True
+    return run_logged(["hostname", action.name], run, reporter, "hostname") == 0
+
+
+def configure_ipmi(action: IpmiAction, run: Runner, reporter: Reporter) -> bool | None:
+    if find_program("ipmitool") is None:
+        reporter.warn(f"ipmitool not found: IPMI address {action.address} not configured")
+        return None
+    lan = ["ipmitool", "lan", "set", str(action.channel)]
+    for args in (
+        ["ipsrc", "static"],
+        ["ipaddr", action.address],
+        ["netmask", action.netmask],
+        ["defgw", "ipaddr", action.gateway],
+    ):
+        # Later settings make no sense once one failed (e.g. the BMC did not answer).
+        if run_logged([*lan, *args], run, reporter, "ipmitool") != 0:
+            return False
+    return True
+
+
+def run_action_command(action: CommandAction, run: Runner, reporter: Reporter) -> bool:
+    return run_logged(action.argv, run, reporter, os.path.basename(action.argv[0])) == 0
+
+
+def describe_action(action: Action) -> str:
+    if isinstance(action, HostnameAction):
+        return f"hostname {action.name}"
+    if isinstance(action, IpmiAction):
+        return f"ipmi {action.address} (channel {action.channel})"
+    return f"command {action.description or shlex.join(action.argv)}"
+
+
+def perform_action(action: Action, run: Runner, reporter: Reporter) -> bool | None:
+    """True: done; False: failed; None: skipped with a warning."""
+    if isinstance(action, HostnameAction):
+        return set_hostname(action, run, reporter)
+    if isinstance(action, IpmiAction):
+        return configure_ipmi(action, run, reporter)
+    return run_action_command(action, run, reporter)
+
+
+def perform_actions(actions: Sequence[Action], run: Runner, reporter: Reporter) -> int:
+    """Perform every action; a failure is reported and the rest still run. Returns the
+    number of failed actions."""
+    failed = 0
+    for action in actions:
+        what = describe_action(action)
+        try:
+            result = perform_action(action, run, reporter)
+        except OSError as e:
+            reporter.detail(f"{what}: {e}")
+            result = False
+        if result is False:
+            failed += 1
+            reporter.step(f"action {what} FAILED")
+        elif result:
+            reporter.step(f"action {what} done")
+        else:
+            reporter.step(f"action {what} skipped")
+    return failed
+
+
+def list_init_scripts(reporter: Reporter) -> list[str]:
+    """Names of the runnable scripts, byte-wise sorted (as `LC_ALL=C ls` and run-parts);
+    non-executables, directories and hidden (editor/temp) files are skipped."""
+    try:
+        names = os.listdir(INIT_D_DIR)
+    except FileNotFoundError:
+        reporter.detail(f"no {INIT_D_DIR}")
+        return []
+    scripts = []
+    for name in sorted(names, key=os.fsencode):
+        path = os.path.join(INIT_D_DIR, name)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            reporter.detail(f"init.d {name} skipped: {e.strerror}")
+            continue
+        if name.startswith("."):
+            reporter.detail(f"init.d {name} skipped: hidden file")
+        elif not stat.S_ISREG(st.st_mode):
+            reporter.detail(f"init.d {name} skipped: not a regular file")
+        elif not st.st_mode & 0o111:  # root may execute anything with an x bit
+            reporter.detail(f"init.d {name} skipped: not executable")
+        else:
+            scripts.append(name)
+    return scripts
+
+
+def run_init_scripts(run: Runner, reporter: Reporter) -> tuple[int, int]:
+    """Run each script in order; one failing does not stop the others.
+    Returns (scripts run, scripts failed)."""
+    scripts = list_init_scripts(reporter)
+    log_dir = os.path.join(LOG_DIR, "init.d")
+    if scripts:
+        try:
+            create_log_dir(log_dir)
+        except OSError as e:
+            reporter.warn(f"cannot create {log_dir}: {e}")
+    failed = 0
+    for name in scripts:
+        reporter.step(f"init.d {name} started")
+        status, output = run([os.path.join(INIT_D_DIR, name)])
+        try:
+            append_file(os.path.join(log_dir, f"{name}.log"), output)
+        except OSError as e:
+            reporter.detail(f"cannot write {log_dir}/{name}.log: {e}")
+        reporter.output(name, output)
+        reporter.step(f"init.d {name} exited with status {status}")
+        failed += status != 0
+    return len(scripts), failed
+
+
+# --------------------------------------------------------------------------------------
+# Main
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    base: str | None
+    mac: str | None
+    debug: bool
+    net: dict[str, str]
+
+
+def read_identity(args: argparse.Namespace) -> NodeIdentity:
+    cmdline = parse_cmdline(read_text(args.cmdline) or "")
+    net = parse_net_env(read_text(args.net_env) or "")
+    mac = mac_from_bootif(cmdline["BOOTIF"]) if "BOOTIF" in cmdline else None
+    if mac is None:
+        mac = mac_from_nic(net.get("NIC", ""))
+    return NodeIdentity(
+        base=cmdline.get("qlustar.http") or None,
+        mac=mac,
+        debug=args.debug or "debug" in cmdline,
+        net=net,
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="qlustar-runner", description="Configure this node from its bundle on the head."
+    )
+    parser.add_argument("--cmdline", default=CMDLINE_FILE, help="kernel command line file")
+    parser.add_argument("--net-env", default=NET_ENV_FILE, help="DHCP lease of the initrd")
+    parser.add_argument("--debug", action="store_true", help="as `debug` on the cmdline")
+    return parser.parse_args(argv)
+
+
+def load_bundle(identity: NodeIdentity, fetch: Fetcher, reporter: Reporter) -> Bundle:
+    if not identity.base:
+        raise BundleError("no qlustar.http=<URL> on the kernel command line")
+    if not identity.mac:
+        raise BundleError("no usable BOOTIF=<mac> on the kernel command line")
+    check_base_url(identity.base)
+    url = bundle_url(identity.base, identity.mac)
+    reporter.step(f"fetching bundle {url}")
+    data, digest = fetch_bundle(url, fetch, reporter)
+    bundle = parse_bundle(data, digest)
+    check_node_paths(bundle.files)
+    return bundle
+
+
+def configure_node(identity: NodeIdentity, fetch: Fetcher, run: Runner, reporter: Reporter) -> int:
+    reporter.step(
+        f"runner started (node MAC {identity.mac or 'unknown'}, head {identity.base or 'unknown'})"
+    )
+    if identity.net:
+        reporter.detail("net.env: " + " ".join(f"{k}={v}" for k, v in identity.net.items()))
+    try:
+        bundle = load_bundle(identity, fetch, reporter)
+    except BundleError as e:
+        reporter.error(f"{e}; nothing written, node stays unconfigured")
+        return EXIT_UNCONFIGURED
+    reporter.step(
+        f"bundle for {bundle.node} verified: {len(bundle.files)} files, "
+        f"{len(bundle.actions)} actions"
+    )
+    try:
+        apply_files(bundle.files, reporter)
+    except OSError as e:
+        reporter.error(
+            f"writing the bundle failed: {e}; node is only partly configured, "
+            "actions and init.d scripts skipped"
+        )
+        return EXIT_PARTIAL
+    reporter.step(f"bundle applied: {len(bundle.files)} files (sha256 {bundle.sha256[:12]})")
+    failed_actions = perform_actions(bundle.actions, run, reporter)
+    scripts, failed_scripts = run_init_scripts(run, reporter)
+    reporter.step(
+        f"runner done: {len(bundle.files)} files, {len(bundle.actions)} actions "
+        f"({failed_actions} failed), {scripts} scripts ({failed_scripts} failed)"
+    )
+    return EXIT_OK
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    fetch: Fetcher = fetch_url,
+    run: Runner = run_command,
+) -> int:
+    """Entry point; returns the exit status (EXIT_*)."""
+    args = parse_args(argv)
+    identity = read_identity(args)
+    reporter = Reporter(debug=identity.debug)
+    reporter.open_log(LOG_DIR)
+    try:
+        return configure_node(identity, fetch, run, reporter)
+    except Exception as e:
+        reporter.error(f"internal error: {e!r}")
+        reporter.detail(traceback.format_exc())
+        return EXIT_INTERNAL
+    finally:
+        reporter.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

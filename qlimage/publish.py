@@ -1,0 +1,139 @@
+"""Atomic publishing with generations, rollback, stale clean-up and the build lock.
+
+A generation is a directory named by the first 16 hex digits of its content's sha256, so an
+identical rebuild publishes nothing new and two builds of the same inputs name it alike.
+`current` is a symlink swapped with one rename; nodes first read `current/generation` and then
+fetch everything from that fixed directory, so a flip during their download cannot mix two
+generations. `history` lists the published generations, oldest first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from qlimage.atomic import TMP_PREFIX, atomic_path, symlink, write_text
+from qlimage.errors import QlimageError
+
+CURRENT = "current"
+HISTORY = "history"
+GENERATION = "generation"
+LOCK = ".build.lock"
+
+
+def history(root: Path) -> list[str]:
+    path = root / HISTORY
+    return path.read_text().split() if path.exists() else []
+
+
+def current(root: Path) -> Path | None:
+    link = root / CURRENT
+    return link.resolve() if link.is_symlink() and link.exists() else None
+
+
+def content_name(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
+def fsync_tree(root: Path) -> None:
+    """Make the files durable before the rename that makes them reachable."""
+    for path in [*root.iterdir(), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish(root: Path, build: Callable[[Path], list[Path]], keep: int) -> str:
+    """Build a generation with `build(tmpdir)` (returns the files that name it), move it into
+    place, make it current and prune to the last `keep` generations. Returns its name."""
+    root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(root / "incoming", directory=True) as work:
+        os.chmod(work, 0o755)
+        name = content_name(build(work))
+        write_text(work / GENERATION, name + "\n")
+        fsync_tree(work)
+        target = root / name
+        if not target.is_dir():
+            os.rename(work, target)
+    make_current(root, name)
+    prune(root, keep)
+    return name
+
+
+def make_current(root: Path, name: str) -> None:
+    symlink(root / CURRENT, name)
+    entries = [g for g in history(root) if g != name] + [name]
+    write_text(root / HISTORY, "".join(f"{g}\n" for g in entries))
+
+
+def prune(root: Path, keep: int) -> None:
+    entries = history(root)
+    cur = os.readlink(root / CURRENT) if (root / CURRENT).is_symlink() else None
+    drop = [g for g in entries[: max(0, len(entries) - keep)] if g != cur]
+    for g in drop:
+        shutil.rmtree(root / g, ignore_errors=True)
+    if drop:
+        write_text(root / HISTORY, "".join(f"{g}\n" for g in entries if g not in drop))
+
+
+def rollback(root: Path) -> str:
+    """Make the generation before the current one current again; drop the current one."""
+    entries = [g for g in history(root) if (root / g).is_dir()]
+    cur = os.readlink(root / CURRENT) if (root / CURRENT).is_symlink() else None
+    if cur is None or len(entries) < 2 or entries[-1] != cur:
+        raise QlimageError(
+            f"{root}: no previous generation to roll back to (history: {', '.join(entries) or 'empty'})"
+        )
+    previous = entries[-2]
+    symlink(root / CURRENT, previous)
+    write_text(root / HISTORY, "".join(f"{g}\n" for g in entries[:-1]))
+    shutil.rmtree(root / cur, ignore_errors=True)
+    return previous
+
+
+def remove_stale(root: Path) -> list[Path]:
+    """Delete what killed builds left behind: every temporary directory of atomic_path."""
+    stale = []
+    if not root.is_dir():
+        return stale
+    for dirpath, dirnames, _ in os.walk(root):
+        for d in list(dirnames):
+            if d.startswith(TMP_PREFIX):
+                path = Path(dirpath) / d
+                shutil.rmtree(path, ignore_errors=True)
+                stale.append(path)
+                dirnames.remove(d)
+            elif d in ("cache", "kernel") and Path(dirpath) == root:
+                dirnames.remove(d)  # large trees with no temporaries of their own inside
+    return stale
+
+
+@contextlib.contextmanager
+def build_lock(bootfiles: Path, *, wait: bool = True) -> Iterator[None]:
+    """Serialize builds of one site; with wait=False a held lock is a clear error."""
+    bootfiles.mkdir(parents=True, exist_ok=True)
+    fd = os.open(bootfiles / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise QlimageError(
+                f"{bootfiles}: another build of this site is running",
+                hint="wait for it, or run without --no-wait to queue behind it",
+            ) from None
+        remove_stale(bootfiles)
+        yield
+    finally:
+        os.close(fd)

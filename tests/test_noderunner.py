@@ -1,0 +1,1082 @@
+"""Tests for the boot-time node runner (qlimage/noderunner.py, installed as qlustar-runner).
+
+Most tests run the runner against a pyfakefs node file system with allow_root_user=False:
+the tests run as root, but the fake file system then enforces permissions as for a normal
+user (uid 1), so e.g. a directory finalized as 0700 root:root really blocks later writes.
+Assertions look at the result as root again (`as_root`).  Users and groups of the node
+are a fake pwd/grp database; the head is a dict of URLs; commands are simulated by an
+injected runner.  One test runs real shell scripts through the real subprocess runner.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import contextlib
+import functools
+import grp
+import hashlib
+import json
+import os
+import pwd
+import stat
+import sys
+import threading
+import time
+import urllib.error
+from collections.abc import Iterator, Sequence
+from email.message import Message
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pyfakefs.fake_filesystem import FakeFilesystem
+from pyfakefs.fake_filesystem_unittest import Patcher
+from pyfakefs.helpers import set_gid, set_uid
+
+from qlimage import noderunner
+from qlimage.noderunner import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_UNCONFIGURED,
+    Reporter,
+    mac_from_bootif,
+    main,
+    parse_cmdline,
+    parse_net_env,
+    run_command,
+)
+
+BASE = "http://10.0.2.2:8470/qlustar"
+MAC_DASHED = "52-54-00-12-34-56"
+BUNDLE_URL = f"{BASE}/nodes/{MAC_DASHED}/bundle.json"
+CMDLINE = f"BOOT_IMAGE=vmlinuz quiet qlustar.http={BASE} BOOTIF=01-52-54-00-12-34-56\n"
+NET_ENV = """\
+NIC=eth0
+IP=10.0.2.15
+SUBNET=255.255.255.0
+ROUTER=10.0.2.2
+DNS='10.0.2.3 10.0.2.4'
+SERVER=10.0.2.2
+HOSTNAME=beo-01
+"""
+FAKE_UID = 1  # what pyfakefs makes us with allow_root_user=False
+
+# The node's user and group databases (pwd/grp are not part of the fake file system).
+NODE_USERS = {"root": 0, "munge": 105, "alice": 1000}
+NODE_GROUPS = {"root": 0, "munge": 106, "users": 100}
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+
+
+def file_entry(
+    path: str,
+    content: str = "text\n",
+    *,
+    mode: str = "0644",
+    owner: str = "root",
+    group: str = "root",
+    uid: int = 0,
+    gid: int = 0,
+    encoding: str = "utf-8",
+) -> dict[str, Any]:
+    return {
+        "path": path,
+        "type": "file",
+        "mode": mode,
+        "owner": owner,
+        "group": group,
+        "uid": uid,
+        "gid": gid,
+        "content": content,
+        "encoding": encoding,
+    }
+
+
+def dir_entry(path: str, mode: str = "0755", **ids: Any) -> dict[str, Any]:
+    entry = {"path": path, "type": "dir", "mode": mode, "owner": "root", "group": "root"}
+    return {**entry, "uid": 0, "gid": 0, **ids}
+
+
+def link_entry(path: str, target: str) -> dict[str, Any]:
+    return {"path": path, "type": "symlink", "target": target, "uid": 0, "gid": 0}
+
+
+def make_bundle(
+    files: Sequence[dict[str, Any]] = (),
+    actions: Sequence[dict[str, Any]] = (),
+    **extra: Any,
+) -> dict[str, Any]:
+    doc = {"format": 1, "node": "beo-01", "checksum_note": "sha256 of this file"}
+    return {**doc, "files": list(files), "actions": list(actions), **extra}
+
+
+class Head:
+    """The head's web server: URL -> bytes; records every request."""
+
+    def __init__(self) -> None:
+        self.documents: dict[str, bytes] = {}
+        self.requests: list[str] = []
+        self.failures: list[Exception] = []  # raised (in order) before answering
+
+    def publish(self, bundle: dict[str, Any] | bytes, *, checksum: str | None = None) -> str:
+        data = bundle if isinstance(bundle, bytes) else json.dumps(bundle, indent=1).encode()
+        digest = checksum or hashlib.sha256(data).hexdigest()
+        self.documents[BUNDLE_URL] = data
+        self.documents[BUNDLE_URL + ".sha256"] = f"{digest}  bundle.json\n".encode()
+        return hashlib.sha256(data).hexdigest()
+
+    def fetch(self, url: str) -> bytes:
+        self.requests.append(url)
+        if self.failures:
+            raise self.failures.pop(0)
+        if url not in self.documents:
+            raise urllib.error.URLError("Connection refused")
+        return self.documents[url]
+
+
+class Commands:
+    """Simulated command execution: records argv, answers from a table of statuses."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.status: dict[str, int] = {}  # basename of argv[0] -> exit status
+
+    def __call__(self, argv: Sequence[str]) -> tuple[int, str]:
+        self.calls.append(list(argv))
+        name = os.path.basename(argv[0])
+        return self.status.get(name, 0), f"output of {name}\nsecond line of {name}\n"
+
+    def names(self) -> list[str]:
+        return [os.path.basename(c[0]) for c in self.calls]
+
+
+@contextlib.contextmanager
+def as_root() -> Iterator[None]:
+    """Inspect the fake node as root: the runner wrote root-only directories."""
+    set_uid(0)
+    set_gid(0)
+    try:
+        yield
+    finally:
+        set_uid(FAKE_UID)
+        set_gid(FAKE_UID)
+
+
+def node_stat(path: str) -> os.stat_result:
+    with as_root():
+        return os.lstat(path)
+
+
+def node_read(path: str) -> bytes:
+    with as_root():
+        return Path(path).read_bytes()
+
+
+def node_mode(path: str) -> str:
+    return f"{stat.S_IMODE(node_stat(path).st_mode):04o}"
+
+
+def node_owner(path: str) -> tuple[int, int]:
+    st = node_stat(path)
+    return st.st_uid, st.st_gid
+
+
+def snapshot(exclude: str = "/var/log/qlustar") -> dict[str, tuple[Any, ...]]:
+    """Everything on the fake node, for "nothing was written" checks."""
+    state: dict[str, tuple[Any, ...]] = {}
+    with as_root():
+        for top, dirs, files in os.walk("/"):
+            for name in dirs + files:
+                path = os.path.join(top, name)
+                if path == exclude or path.startswith(exclude + "/"):
+                    continue
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    content: Any = os.readlink(path)
+                elif stat.S_ISREG(st.st_mode):
+                    content = Path(path).read_bytes()
+                else:
+                    content = None
+                state[path] = (st.st_mode, st.st_uid, st.st_gid, content)
+    return state
+
+
+def runner_log() -> str:
+    return node_read("/var/log/qlustar/runner.log").decode()
+
+
+def console_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return capsys.readouterr().out.splitlines()
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture
+def nodefs() -> Iterator[FakeFilesystem]:
+    """A fake node after switch_root: cmdline, DHCP lease, a few image directories."""
+    with Patcher(allow_root_user=False) as patcher:
+        fs = patcher.fs
+        assert fs is not None
+        assert os.getuid() == FAKE_UID
+        fs.create_file("/proc/cmdline", contents=CMDLINE)
+        fs.create_file("/run/qlustar/net.env", contents=NET_ENV)
+        for directory in ("/etc/systemd/system", "/root", "/var/log", "/usr/bin", "/srv"):
+            fs.create_dir(directory)
+        fs.create_file("/etc/passwd", contents="root:x:0:0:root:/root:/bin/bash\n")
+        yield fs
+
+
+@pytest.fixture(autouse=True)
+def node_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    def getpwnam(name: str) -> SimpleNamespace:
+        if name not in NODE_USERS:
+            raise KeyError(f"getpwnam(): name not found: {name!r}")
+        return SimpleNamespace(pw_name=name, pw_uid=NODE_USERS[name])
+
+    def getgrnam(name: str) -> SimpleNamespace:
+        if name not in NODE_GROUPS:
+            raise KeyError(f"getgrnam(): name not found: {name!r}")
+        return SimpleNamespace(gr_name=name, gr_gid=NODE_GROUPS[name])
+
+    monkeypatch.setattr(pwd, "getpwnam", getpwnam)
+    monkeypatch.setattr(grp, "getgrnam", getgrnam)
+    monkeypatch.setattr(noderunner, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+@pytest.fixture
+def head() -> Head:
+    return Head()
+
+
+@pytest.fixture
+def commands() -> Commands:
+    return Commands()
+
+
+def run_node(head: Head, commands: Commands, *argv: str) -> int:
+    return main(list(argv), fetch=head.fetch, run=commands)
+
+
+def executable(fs: FakeFilesystem, path: str, mode: int = 0o755) -> None:
+    fs.create_file(path, contents="#!/bin/sh\n", st_mode=stat.S_IFREG | mode)
+
+
+# --------------------------------------------------------------------------------------
+# The runner is copied verbatim into the node image
+
+
+def test_is_a_standalone_stdlib_program() -> None:
+    source = Path(noderunner.__file__).read_text()
+    assert source.startswith("#!/usr/bin/python3\n")
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0
+            imported.add((node.module or "").split(".")[0])
+    assert "qlimage" not in imported
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+# --------------------------------------------------------------------------------------
+# Identity parsing
+
+
+def test_parse_cmdline_and_bootif() -> None:
+    params = parse_cmdline(CMDLINE + " debug early-shell")
+    assert params["qlustar.http"] == BASE
+    assert "debug" in params and "early-shell" in params
+    assert mac_from_bootif(params["BOOTIF"]) == "52:54:00:12:34:56"
+    assert mac_from_bootif("52-54-00-AB-CD-EF") == "52:54:00:ab:cd:ef"
+    assert mac_from_bootif("01-52-54-00-12") is None
+    assert mac_from_bootif("01-52-54-00-12-34-zz") is None
+
+
+def test_parse_net_env_unquotes_values() -> None:
+    env = parse_net_env(NET_ENV + "\n# comment\nBROKEN='x\n")
+    assert env["NIC"] == "eth0"
+    assert env["DNS"] == "10.0.2.3 10.0.2.4"
+    assert env["HOSTNAME"] == "beo-01"
+    assert env["BROKEN"] == "'x"
+
+
+# --------------------------------------------------------------------------------------
+# Applying the bundle
+
+
+def test_applies_every_entry_type(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blob = bytes(range(256))
+    digest = head.publish(
+        make_bundle(
+            [
+                dir_entry("/root/.ssh", "0700"),
+                file_entry("/root/.ssh/authorized_keys", "ssh-ed25519 AAAA admin\n", mode="0600"),
+                file_entry("/etc/qlustar/options.d/disk-config", "DISK_CONFIG=none\n"),
+                file_entry("/usr/lib/blob.bin", base64.b64encode(blob).decode(), encoding="base64"),
+                file_entry("/etc/systemd/system/srv-data.mount", "[Mount]\n"),
+                link_entry(
+                    "/etc/systemd/system/remote-fs.target.wants/srv-data.mount",
+                    "/etc/systemd/system/srv-data.mount",
+                ),
+            ]
+        )
+    )
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert head.requests == [BUNDLE_URL, BUNDLE_URL + ".sha256"]
+    assert node_read("/root/.ssh/authorized_keys") == b"ssh-ed25519 AAAA admin\n"
+    assert node_mode("/root/.ssh") == "0700"
+    assert node_mode("/root/.ssh/authorized_keys") == "0600"
+    assert stat.S_ISDIR(node_stat("/root/.ssh").st_mode)
+    assert node_owner("/root/.ssh") == node_owner("/root/.ssh/authorized_keys") == (0, 0)
+    assert node_read("/etc/qlustar/options.d/disk-config") == b"DISK_CONFIG=none\n"
+    assert node_read("/usr/lib/blob.bin") == blob
+    link = "/etc/systemd/system/remote-fs.target.wants/srv-data.mount"
+    assert stat.S_ISLNK(node_stat(link).st_mode)
+    with as_root():
+        assert os.readlink(link) == "/etc/systemd/system/srv-data.mount"
+        assert Path(link).read_text() == "[Mount]\n"
+    assert node_owner(link) == (0, 0)
+    # Parents missing on the node are created 0755 root:root.
+    for parent in ("/etc/qlustar", "/etc/qlustar/options.d", "/usr/lib", os.path.dirname(link)):
+        assert node_mode(parent) == "0755"
+        assert node_owner(parent) == (0, 0)
+    # Image directories that were not in the bundle keep their owner.
+    assert node_owner("/etc/systemd/system") == (FAKE_UID, FAKE_UID)
+    # No temporary files are left behind.
+    with as_root():
+        leftovers = [p for p, _, names in os.walk("/") for n in names if "qlustar-tmp" in n]
+    assert leftovers == []
+    out = console_lines(capsys)
+    assert out[0] == (f"qlustar: runner started (node MAC 52:54:00:12:34:56, head {BASE})")
+    assert f"qlustar: bundle applied: 6 files (sha256 {digest[:12]})" in out
+    assert out[-1] == "qlustar: runner done: 6 files, 0 actions (0 failed), 0 scripts (0 failed)"
+
+
+def test_owner_and_group_by_name_with_numeric_fallback(
+    nodefs: FakeFilesystem, head: Head, commands: Commands
+) -> None:
+    head.publish(
+        make_bundle(
+            [
+                # Known on the node: the node's ids win over the head's.
+                file_entry(
+                    "/etc/munge/munge.key",
+                    "k",
+                    mode="0400",
+                    owner="munge",
+                    group="munge",
+                    uid=998,
+                    gid=997,
+                ),
+                # Unknown on the node: the head's numeric ids are used, and logged.
+                file_entry(
+                    "/etc/slurm/slurm.key",
+                    "k",
+                    mode="0640",
+                    owner="slurm",
+                    group="slurm",
+                    uid=64030,
+                    gid=64031,
+                ),
+                file_entry(
+                    "/home/alice/.profile", "x", owner="alice", group="users", uid=5000, gid=5000
+                ),
+                dir_entry("/srv/scratch", "1777", uid=0, gid=0),
+            ]
+        )
+    )
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert node_owner("/etc/munge/munge.key") == (105, 106)
+    assert node_owner("/etc/slurm/slurm.key") == (64030, 64031)
+    assert node_owner("/home/alice/.profile") == (1000, 100)
+    log = runner_log()
+    assert "user 'slurm' unknown on node, using uid 64030 for /etc/slurm/slurm.key" in log
+    assert "group 'slurm' unknown on node, using gid 64031 for /etc/slurm/slurm.key" in log
+    assert "'munge' unknown" not in log
+
+
+def test_special_mode_bits(nodefs: FakeFilesystem, head: Head, commands: Commands) -> None:
+    head.publish(
+        make_bundle(
+            [
+                dir_entry("/srv/scratch", "1777"),
+                dir_entry("/srv/project", "2775", group="users", gid=100),
+                file_entry("/usr/bin/suidtool", "#!/bin/sh\n", mode="4755"),
+                file_entry("/usr/bin/sgidtool", "#!/bin/sh\n", mode="2711", group="users"),
+                file_entry("/srv/project/README", "x", mode="644"),
+            ]
+        )
+    )
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert node_mode("/srv/scratch") == "1777"
+    assert node_mode("/srv/project") == "2775"
+    assert node_mode("/usr/bin/suidtool") == "4755"
+    assert node_mode("/usr/bin/sgidtool") == "2711"
+    assert node_owner("/usr/bin/sgidtool") == (0, 100)
+    assert node_mode("/srv/project/README") == "0644"
+
+
+def test_existing_directory_gets_mode_and_owner(
+    nodefs: FakeFilesystem, head: Head, commands: Commands
+) -> None:
+    nodefs.create_file("/root/.ssh/known_hosts", contents="old")
+    os.chmod("/root/.ssh", 0o777)
+    head.publish(make_bundle([dir_entry("/root/.ssh", "0700")]))
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert node_mode("/root/.ssh") == "0700"
+    assert node_owner("/root/.ssh") == (0, 0)
+    assert node_read("/root/.ssh/known_hosts") == b"old"
+
+
+def test_entries_are_applied_in_bundle_order(
+    nodefs: FakeFilesystem, head: Head, commands: Commands
+) -> None:
+    paths = ["/srv/b", "/srv/b/z", "/srv/a", "/srv/b/y", "/srv/link"]
+    head.publish(
+        make_bundle(
+            [
+                dir_entry("/srv/b"),
+                file_entry("/srv/b/z"),
+                file_entry("/srv/a"),
+                file_entry("/srv/b/y"),
+                link_entry("/srv/link", "a"),
+            ]
+        )
+    )
+
+    assert run_node(head, commands) == EXIT_OK
+
+    log = runner_log()
+    positions = [log.index(f" {path} ") for path in paths]
+    assert positions == sorted(positions)
+
+
+def test_replaces_existing_file_and_symlink_atomically(
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nodefs.create_file("/etc/motd", contents="old motd\n")
+    nodefs.create_symlink("/etc/localtime", "/usr/share/zoneinfo/UTC")
+    # A file entry must replace a symlink, never write through it.
+    nodefs.create_file("/etc/victim", contents="untouched\n")
+    nodefs.create_symlink("/etc/issue", "/etc/victim")
+    head.publish(
+        make_bundle(
+            [
+                file_entry("/etc/motd", "new motd\n"),
+                link_entry("/etc/localtime", "/usr/share/zoneinfo/Europe/Berlin"),
+                file_entry("/etc/issue", "Qlustar\n"),
+            ]
+        )
+    )
+    real_replace = noderunner.os.replace
+    seen: list[tuple[str, str]] = []
+
+    def spy_replace(src: str, dst: str) -> None:
+        # At the moment of the rename the old object is still complete in place, and the
+        # new one is complete beside it, in the same directory.
+        assert os.path.dirname(src) == os.path.dirname(dst)
+        if dst == "/etc/motd":
+            assert Path(dst).read_text() == "old motd\n"
+            assert Path(src).read_text() == "new motd\n"
+            assert stat.S_IMODE(os.stat(src).st_mode) == 0o644
+        if dst == "/etc/localtime":
+            assert os.readlink(dst) == "/usr/share/zoneinfo/UTC"
+            assert os.readlink(src) == "/usr/share/zoneinfo/Europe/Berlin"
+        seen.append((src, dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(noderunner.os, "replace", spy_replace)
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert [dst for _, dst in seen] == ["/etc/motd", "/etc/localtime", "/etc/issue"]
+    assert node_read("/etc/motd") == b"new motd\n"
+    with as_root():
+        assert os.readlink("/etc/localtime") == "/usr/share/zoneinfo/Europe/Berlin"
+    assert not stat.S_ISLNK(node_stat("/etc/issue").st_mode)
+    assert node_read("/etc/issue") == b"Qlustar\n"
+    assert node_read("/etc/victim") == b"untouched\n"
+    assert not [n for n in os.listdir("/etc") if "qlustar-tmp" in n]
+
+
+def test_write_failure_midway_exits_partial(
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    executable(nodefs, "/lib/qlustar/init.d/10-x")
+    head.publish(
+        make_bundle(
+            [dir_entry("/srv/new", "0750"), file_entry("/srv/new/a"), file_entry("/srv/new/b")],
+            [{"kind": "command", "argv": ["/usr/bin/true"]}],
+        )
+    )
+    real_write = noderunner.write_file
+
+    def failing_write(path: str, *args: Any) -> None:
+        if path == "/srv/new/b":
+            raise OSError(28, "No space left on device")
+        real_write(path, *args)
+
+    monkeypatch.setattr(noderunner, "write_file", failing_write)
+
+    assert run_node(head, commands) == EXIT_PARTIAL
+
+    out = capsys.readouterr().out
+    assert "qlustar: ERROR: writing the bundle failed: [Errno 28] /srv/new/b:" in out
+    assert "actions and init.d scripts skipped" in out
+    assert commands.calls == []
+    # The directory created so far was still finalized (not left 0700).
+    assert node_mode("/srv/new") == "0750"
+
+
+# --------------------------------------------------------------------------------------
+# Bad bundles: nothing is written
+
+
+VALID_FILES = [
+    dir_entry("/root/.ssh", "0700"),
+    file_entry("/root/.ssh/authorized_keys", "key\n", mode="0600"),
+    file_entry("/etc/qlustar/options.d/disk-config", "x\n"),
+]
+
+
+def without(entry: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != key}
+
+
+BAD_BUNDLES: dict[str, tuple[Any, str]] = {
+    "format 2": (make_bundle(VALID_FILES, format=2), "unsupported bundle format 2"),
+    "format missing": (
+        {k: v for k, v in make_bundle(VALID_FILES).items() if k != "format"},
+        "unsupported bundle format None",
+    ),
+    "format true": (make_bundle(VALID_FILES, format=True), "unsupported bundle format True"),
+    "relative path": (
+        make_bundle([*VALID_FILES, file_entry("etc/motd")]),
+        "path 'etc/motd' is not absolute",
+    ),
+    "dotdot": (
+        make_bundle([*VALID_FILES, file_entry("/etc/../root/x")]),
+        "contains '..'",
+    ),
+    "double slash": (
+        make_bundle([*VALID_FILES, file_entry("/etc//motd")]),
+        "not a normalized file path",
+    ),
+    "bad mode": (
+        make_bundle([*VALID_FILES, file_entry("/etc/motd", mode="0999")]),
+        "mode '0999' is not an octal file mode",
+    ),
+    "numeric mode": (
+        make_bundle([*VALID_FILES, {**file_entry("/etc/motd"), "mode": 420}]),
+        "field 'mode' must be of type str",
+    ),
+    "missing mode": (
+        make_bundle([*VALID_FILES, without(file_entry("/etc/motd"), "mode")]),
+        "files[3] (/etc/motd): missing field 'mode'",
+    ),
+    "missing content": (
+        make_bundle([*VALID_FILES, without(file_entry("/etc/motd"), "content")]),
+        "missing field 'content'",
+    ),
+    "missing uid": (
+        make_bundle([*VALID_FILES, without(link_entry("/etc/l", "/x"), "uid")]),
+        "missing field 'uid'",
+    ),
+    "missing target": (
+        make_bundle([*VALID_FILES, without(link_entry("/etc/l", "/x"), "target")]),
+        "missing field 'target'",
+    ),
+    "bad base64": (
+        make_bundle([*VALID_FILES, file_entry("/etc/b", "!!!", encoding="base64")]),
+        "not valid base64",
+    ),
+    "unknown type": (
+        make_bundle([*VALID_FILES, {**file_entry("/etc/f"), "type": "fifo"}]),
+        "unknown type 'fifo'",
+    ),
+    "file before its dir": (
+        make_bundle([file_entry("/srv/d/f"), dir_entry("/srv/d")]),
+        "listed before its directory /srv/d",
+    ),
+    "duplicate": (
+        make_bundle([*VALID_FILES, file_entry("/etc/qlustar/options.d/disk-config")]),
+        "duplicate path",
+    ),
+    "bad action": (
+        make_bundle(
+            VALID_FILES,
+            [
+                {
+                    "kind": "ipmi",
+                    "address": "10.1.0.300",
+                    "netmask": "x",
+                    "gateway": "10.1.0.1",
+                    "channel": 1,
+                }
+            ],
+        ),
+        "actions[0] (ipmi): address",
+    ),
+    "unknown action": (make_bundle(VALID_FILES, [{"kind": "reboot"}]), "unknown action kind"),
+    "not json": (b'{"format": 1, "files": [', "bundle is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BUNDLES))
+def test_bad_bundle_writes_nothing(
+    case: str,
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bundle, message = BAD_BUNDLES[case]
+    executable(nodefs, "/lib/qlustar/init.d/10-x")
+    head.publish(bundle)
+    before = snapshot()
+
+    assert run_node(head, commands) == EXIT_UNCONFIGURED
+
+    assert snapshot() == before
+    assert commands.calls == []  # no actions, no init.d scripts
+    errors = [line for line in console_lines(capsys) if line.startswith("qlustar: ERROR: ")]
+    assert len(errors) == 1
+    assert message in errors[0]
+    assert errors[0].endswith("nothing written, node stays unconfigured")
+    assert message in runner_log()
+
+
+def test_bad_checksum_writes_nothing(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    head.publish(make_bundle(VALID_FILES), checksum="0" * 64)
+    before = snapshot()
+
+    assert run_node(head, commands) == EXIT_UNCONFIGURED
+
+    assert snapshot() == before
+    out = capsys.readouterr().out
+    assert "qlustar: ERROR: cannot fetch bundle" in out
+    assert "checksum mismatch" in out
+    # A mismatch is retried: the head may have been rewriting the bundle.
+    assert len(head.requests) == 2 * (len(noderunner.RETRY_DELAYS) + 1)
+
+
+def test_conflict_with_node_writes_nothing(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodefs.create_dir("/etc/motd.d")
+    head.publish(make_bundle([*VALID_FILES, file_entry("/etc/motd.d")]))
+    before = snapshot()
+
+    assert run_node(head, commands) == EXIT_UNCONFIGURED
+
+    assert snapshot() == before
+    assert "files[3] (/etc/motd.d): is a directory on the node" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# Fetching
+
+
+def test_fetch_failure_exits_unconfigured(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = snapshot()
+
+    assert run_node(head, commands) == EXIT_UNCONFIGURED
+
+    assert snapshot() == before
+    assert head.requests == [BUNDLE_URL] * (len(noderunner.RETRY_DELAYS) + 1)
+    out = capsys.readouterr().out
+    assert (
+        f"qlustar: ERROR: cannot fetch bundle {BUNDLE_URL}: Connection refused; "
+        "nothing written, node stays unconfigured"
+    ) in out
+    assert "fetch attempt 1 failed (Connection refused); retrying in 0s" in runner_log()
+
+
+def test_http_404_is_not_retried(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_found = urllib.error.HTTPError(BUNDLE_URL, 404, "Not Found", Message(), None)
+    head.failures.append(not_found)
+
+    assert run_node(head, commands) == EXIT_UNCONFIGURED
+
+    assert head.requests == [BUNDLE_URL]
+    assert "HTTP 404 Not Found" in capsys.readouterr().out
+
+
+def test_transient_fetch_failure_is_retried(
+    nodefs: FakeFilesystem, head: Head, commands: Commands
+) -> None:
+    head.publish(make_bundle(VALID_FILES))
+    head.failures += [TimeoutError("timed out"), urllib.error.URLError("Network unreachable")]
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert node_read("/root/.ssh/authorized_keys") == b"key\n"
+
+
+def test_missing_head_url_exits_unconfigured(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodefs.remove("/proc/cmdline")
+    nodefs.create_file("/proc/cmdline", contents="quiet BOOTIF=01-52-54-00-12-34-56\n")
+
+    assert run_node(head, commands) == EXIT_UNCONFIGURED
+
+    assert head.requests == []
+    out = capsys.readouterr().out
+    assert "qlustar: runner started (node MAC 52:54:00:12:34:56, head unknown)" in out
+    assert "qlustar: ERROR: no qlustar.http=<URL> on the kernel command line" in out
+
+
+def test_mac_falls_back_to_boot_nic(nodefs: FakeFilesystem, head: Head, commands: Commands) -> None:
+    nodefs.remove("/proc/cmdline")
+    nodefs.create_file("/proc/cmdline", contents=f"qlustar.http={BASE}/\n")
+    nodefs.create_file("/sys/class/net/eth0/address", contents="52:54:00:12:34:56\n")
+    head.publish(make_bundle())
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert head.requests[0] == BUNDLE_URL
+
+
+# --------------------------------------------------------------------------------------
+# Actions
+
+IPMI = {
+    "kind": "ipmi",
+    "address": "10.1.0.5",
+    "netmask": "255.255.0.0",
+    "gateway": "10.1.0.1",
+    "channel": 1,
+}
+
+
+def test_actions(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    executable(nodefs, "/usr/bin/ipmitool")
+    executable(nodefs, "/bin/hostname")
+    head.publish(
+        make_bundle(
+            actions=[
+                IPMI,
+                {"kind": "hostname", "name": "beo-01"},
+                {"kind": "command", "argv": ["/usr/bin/true", "x y"], "description": "noop"},
+            ]
+        )
+    )
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert commands.calls == [
+        ["ipmitool", "lan", "set", "1", "ipsrc", "static"],
+        ["ipmitool", "lan", "set", "1", "ipaddr", "10.1.0.5"],
+        ["ipmitool", "lan", "set", "1", "netmask", "255.255.0.0"],
+        ["ipmitool", "lan", "set", "1", "defgw", "ipaddr", "10.1.0.1"],
+        ["hostname", "beo-01"],
+        ["/usr/bin/true", "x y"],
+    ]
+    assert node_read("/etc/hostname") == b"beo-01\n"
+    assert node_mode("/etc/hostname") == "0644"
+    out = console_lines(capsys)
+    assert "qlustar: action ipmi 10.1.0.5 (channel 1) done" in out
+    assert "qlustar: action hostname beo-01 done" in out
+    assert "qlustar: action command noop done" in out
+    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (0 failed), 0 scripts (0 failed)"
+    # Command output goes to runner.log.
+    assert "[ipmitool] output of ipmitool" in runner_log()
+    assert "[true] second line of true" in runner_log()
+
+
+def test_failing_action_is_logged_and_the_rest_runs(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    executable(nodefs, "/usr/bin/ipmitool")
+    commands.status = {"ipmitool": 1, "false": 3}
+    head.publish(
+        make_bundle(
+            actions=[
+                {"kind": "command", "argv": ["/usr/bin/false"]},
+                IPMI,
+                {"kind": "command", "argv": ["/usr/bin/true"]},
+            ]
+        )
+    )
+
+    assert run_node(head, commands) == EXIT_OK
+
+    # The IPMI action stops at its first failing ipmitool call.
+    assert commands.calls == [
+        ["/usr/bin/false"],
+        ["ipmitool", "lan", "set", "1", "ipsrc", "static"],
+        ["/usr/bin/true"],
+    ]
+    out = console_lines(capsys)
+    assert "qlustar: action command /usr/bin/false FAILED" in out
+    assert "qlustar: action ipmi 10.1.0.5 (channel 1) FAILED" in out
+    assert "qlustar: action command /usr/bin/true done" in out
+    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (2 failed), 0 scripts (0 failed)"
+    log = runner_log()
+    assert "/usr/bin/false exited with status 3" in log
+    assert "ipmitool lan set 1 ipsrc static exited with status 1" in log
+
+
+def test_missing_ipmitool_warns_and_goes_on(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    head.publish(make_bundle(actions=[IPMI, {"kind": "hostname", "name": "beo-01.cluster"}]))
+
+    assert run_node(head, commands) == EXIT_OK
+
+    # No hostname program on this node either: /etc/hostname is still written.
+    assert commands.calls == []
+    assert node_read("/etc/hostname") == b"beo-01.cluster\n"
+    out = console_lines(capsys)
+    assert "qlustar: WARNING: ipmitool not found: IPMI address 10.1.0.5 not configured" in out
+    assert "qlustar: action ipmi 10.1.0.5 (channel 1) skipped" in out
+    assert "qlustar: action hostname beo-01.cluster done" in out
+    assert "WARNING: ipmitool not found" in runner_log()
+
+
+# --------------------------------------------------------------------------------------
+# init.d scripts
+
+
+def test_init_d_scripts_run_in_byte_order(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("10-b", "02-a", "99-z", "a", "B"):
+        executable(nodefs, f"/lib/qlustar/init.d/{name}")
+    executable(nodefs, "/lib/qlustar/init.d/50-readme", mode=0o644)
+    executable(nodefs, "/lib/qlustar/init.d/.10-b.swp")
+    nodefs.create_dir("/lib/qlustar/init.d/60-dir")
+    commands.status = {"10-b": 2}
+    head.publish(make_bundle())
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert commands.calls == [
+        [f"/lib/qlustar/init.d/{n}"] for n in ("02-a", "10-b", "99-z", "B", "a")
+    ]
+    out = console_lines(capsys)
+    script_lines = [line for line in out if "init.d" in line]
+    assert script_lines == [
+        "qlustar: init.d 02-a started",
+        "qlustar: init.d 02-a exited with status 0",
+        "qlustar: init.d 10-b started",
+        "qlustar: init.d 10-b exited with status 2",
+        "qlustar: init.d 99-z started",
+        "qlustar: init.d 99-z exited with status 0",
+        "qlustar: init.d B started",
+        "qlustar: init.d B exited with status 0",
+        "qlustar: init.d a started",
+        "qlustar: init.d a exited with status 0",
+    ]
+    assert out[-1] == "qlustar: runner done: 0 files, 0 actions (0 failed), 5 scripts (1 failed)"
+    assert node_read("/var/log/qlustar/init.d/10-b.log") == (
+        b"output of 10-b\nsecond line of 10-b\n"
+    )
+    assert node_mode("/var/log/qlustar/init.d") == "0755"
+    log = runner_log()
+    assert "[99-z] second line of 99-z" in log
+    assert "init.d 10-b exited with status 2" in log
+    assert "init.d 50-readme skipped: not executable" in log
+    assert "init.d 60-dir skipped: not a regular file" in log
+    assert "init.d .10-b.swp skipped: hidden file" in log
+
+
+def test_init_d_scripts_from_the_bundle_run(
+    nodefs: FakeFilesystem, head: Head, commands: Commands
+) -> None:
+    head.publish(
+        make_bundle([file_entry("/lib/qlustar/init.d/20-disk", "#!/bin/sh\n", mode="0700")])
+    )
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert commands.calls == [["/lib/qlustar/init.d/20-disk"]]
+    assert node_owner("/lib/qlustar/init.d/20-disk") == (0, 0)
+
+
+# --------------------------------------------------------------------------------------
+# Logging and debug
+
+
+def test_logs_under_var_log_qlustar(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    head.publish(make_bundle(VALID_FILES))
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert node_mode("/var/log/qlustar") == "0755"
+    log_lines = runner_log().splitlines()
+    # Every console line is in the log as well (after a timestamp).
+    for line in console_lines(capsys):
+        message = line.removeprefix("qlustar: ")
+        assert any(entry.endswith(f" {message}") for entry in log_lines), message
+    assert any(line.endswith(f" fetching bundle {BUNDLE_URL}") for line in log_lines)
+    # Details are in the log even without debug.
+    assert any("wrote /root/.ssh/authorized_keys (4 bytes, 0600 0:0)" in x for x in log_lines)
+    assert any("net.env: NIC=eth0 IP=10.0.2.15" in x for x in log_lines)
+
+
+@pytest.mark.parametrize("how", ["cmdline", "argument", "off"])
+def test_debug_makes_the_console_verbose(
+    how: str,
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = []
+    if how == "cmdline":
+        nodefs.remove("/proc/cmdline")
+        nodefs.create_file("/proc/cmdline", contents=CMDLINE.strip() + " debug early-shell\n")
+    elif how == "argument":
+        args = ["--debug"]
+    executable(nodefs, "/lib/qlustar/init.d/10-x")
+    head.publish(make_bundle(VALID_FILES, [{"kind": "command", "argv": ["/usr/bin/true"]}]))
+
+    assert run_node(head, commands, *args) == EXIT_OK
+
+    out = console_lines(capsys)
+    verbose = [
+        "qlustar: wrote /root/.ssh/authorized_keys (4 bytes, 0600 0:0)",
+        "qlustar: created parent directory /etc/qlustar",
+        "qlustar: running /usr/bin/true",
+        "qlustar: [10-x] output of 10-x",
+    ]
+    for line in verbose:
+        assert (line in out) == (how != "off"), line
+    assert "qlustar: init.d 10-x started" in out
+
+
+# --------------------------------------------------------------------------------------
+# Real processes (no pyfakefs)
+
+
+def test_real_init_d_scripts_run_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init_d, log_dir = tmp_path / "init.d", tmp_path / "log"
+    init_d.mkdir()
+    monkeypatch.setattr(noderunner, "INIT_D_DIR", str(init_d))
+    monkeypatch.setattr(noderunner, "LOG_DIR", str(log_dir))
+    trace = tmp_path / "trace"
+    for name, status in (("10-b", 0), ("02-a", 0), ("50-fails", 7), ("99-z", 0), ("B", 0)):
+        script = init_d / name
+        script.write_text(
+            f'#!/bin/sh\necho "{name} out"\necho "{name} err" >&2\n'
+            f'echo {name} >> "{trace}"\nexit {status}\n'
+        )
+        script.chmod(0o755)
+    (init_d / "20-not-executable").write_text(f"#!/bin/sh\necho bad >> {trace}\n")
+    cmdline, net_env = tmp_path / "cmdline", tmp_path / "net.env"
+    cmdline.write_text(CMDLINE)
+    net_env.write_text(NET_ENV)
+    me = pwd.getpwuid(os.getuid())
+    head = Head()
+    target = tmp_path / "etc" / "motd"
+    target.parent.mkdir()  # an existing directory: works without root, too
+    head.publish(
+        make_bundle(
+            [
+                file_entry(
+                    str(target),
+                    "hi\n",
+                    owner=me.pw_name,
+                    group=me.pw_name,
+                    uid=os.getuid(),
+                    gid=os.getgid(),
+                )
+            ]
+        )
+    )
+    monkeypatch.undo()  # the real pwd/grp databases, but keep the redirected paths
+    monkeypatch.setattr(noderunner, "INIT_D_DIR", str(init_d))
+    monkeypatch.setattr(noderunner, "LOG_DIR", str(log_dir))
+
+    status = main(["--cmdline", str(cmdline), "--net-env", str(net_env)], fetch=head.fetch)
+
+    assert status == EXIT_OK
+    assert target.read_text() == "hi\n"
+    assert trace.read_text().split() == ["02-a", "10-b", "50-fails", "99-z", "B"]
+    assert (log_dir / "init.d" / "50-fails.log").read_text() == "50-fails out\n50-fails err\n"
+    out = capsys.readouterr().out.splitlines()
+    assert "qlustar: init.d 50-fails exited with status 7" in out
+    assert out[-1] == "qlustar: runner done: 1 files, 0 actions (0 failed), 5 scripts (1 failed)"
+    log = (log_dir / "runner.log").read_text()
+    assert "[99-z] 99-z err" in log
+    assert "init.d 20-not-executable skipped: not executable" in log
+
+
+def test_run_command_statuses(tmp_path: Path) -> None:
+    assert run_command(["sh", "-c", "echo out; echo err >&2; exit 5"]) == (5, "out\nerr\n")
+    assert run_command([str(tmp_path / "missing")])[0] == 127
+    assert run_command(["sh", "-c", "kill -TERM $$"])[0] == 128 + 15
+    # A daemon started in the background keeps its stdout open; that must not block us.
+    started = time.monotonic()
+    status, output = run_command(["sh", "-c", "sleep 3 & echo started"])
+    assert (status, output) == (0, "started\n")
+    assert time.monotonic() - started < 2.5
+
+
+def test_real_http_fetch(tmp_path: Path) -> None:
+    node_dir = tmp_path / "qlustar" / "nodes" / MAC_DASHED
+    node_dir.mkdir(parents=True)
+    data = json.dumps(make_bundle(VALID_FILES)).encode()
+    (node_dir / "bundle.json").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    (node_dir / "bundle.json.sha256").write_text(f"{digest}  bundle.json\n")
+    handler = functools.partial(QuietHandler, directory=str(tmp_path))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_address[1]}/qlustar"
+        try:
+            url = noderunner.bundle_url(base, "52:54:00:12:34:56")
+            assert noderunner.fetch_bundle(url, noderunner.fetch_url, Reporter()) == (data, digest)
+            with pytest.raises(noderunner.FetchError, match="HTTP 404"):
+                noderunner.fetch_bundle(
+                    noderunner.bundle_url(base, "52:54:00:00:00:00"),
+                    noderunner.fetch_url,
+                    Reporter(),
+                )
+        finally:
+            server.shutdown()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
