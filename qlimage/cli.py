@@ -40,7 +40,8 @@ def run_doit(site: Site, args: Sequence[str]) -> int:
 
     from qlimage.tasks import doit_config, site_tasks
 
-    namespace = {"DOIT_CONFIG": doit_config(site), **site_tasks(site)}
+    tasks = site_tasks(site)  # resolves everything first: a bad site creates nothing
+    namespace = {"DOIT_CONFIG": doit_config(site), **tasks}
     return int(DoitMain(ModuleTaskLoader(namespace)).run(list(args)))
 
 

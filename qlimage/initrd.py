@@ -195,4 +195,5 @@ def build_initrd(
         for rel, data in (extra or {}).items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
+        normalize_modes(root)
         make_cpio(root, output, epoch)

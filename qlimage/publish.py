@@ -93,9 +93,8 @@ def rollback(root: Path) -> str:
     entries = [g for g in history(root) if (root / g).is_dir()]
     cur = os.readlink(root / CURRENT) if (root / CURRENT).is_symlink() else None
     if cur is None or len(entries) < 2 or entries[-1] != cur:
-        raise QlimageError(
-            f"{root}: no previous generation to roll back to (history: {', '.join(entries) or 'empty'})"
-        )
+        known = ", ".join(entries) or "empty"
+        raise QlimageError(f"{root}: no previous generation to roll back to (history: {known})")
     previous = entries[-2]
     symlink(root / CURRENT, previous)
     write_text(root / HISTORY, "".join(f"{g}\n" for g in entries[:-1]))
@@ -105,7 +104,7 @@ def rollback(root: Path) -> str:
 
 def remove_stale(root: Path) -> list[Path]:
     """Delete what killed builds left behind: every temporary directory of atomic_path."""
-    stale = []
+    stale: list[Path] = []
     if not root.is_dir():
         return stale
     for dirpath, dirnames, _ in os.walk(root):

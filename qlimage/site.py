@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -269,18 +270,19 @@ def load_site(root: Path | str = ".") -> Site:
         if host.bootconfig not in all_bootconfigs:
             all_bootconfigs[host.bootconfig] = BootConfig(host.bootconfig, host.bootconfig, "", "")
 
+    epoch = raw.get("site", {}).get("source_date_epoch")
+    if epoch is None:
+        env_epoch = os.environ.get("SOURCE_DATE_EPOCH", str(DEFAULT_SOURCE_DATE_EPOCH))
+        if not env_epoch.isdigit():
+            raise ConfigError([f"SOURCE_DATE_EPOCH: not an integer: {env_epoch!r}"])
+        epoch = int(env_epoch)
     head = raw["head"]
     archive = raw.get("archive", {})
     kernel = raw.get("kernel", {})
     squashfs = raw.get("squashfs", {})
     return Site(
         name=raw.get("site", {}).get("name", root.name),
-        source_date_epoch=int(
-            raw.get("site", {}).get(
-                "source_date_epoch",
-                os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_SOURCE_DATE_EPOCH),
-            )
-        ),
+        source_date_epoch=int(epoch),
         head_address=head["address"],
         http_port=head.get("http_port", DEFAULT_HTTP_PORT),
         head_shadow=root / head.get("shadow", "/etc/shadow"),
@@ -395,6 +397,12 @@ def load_images(paths: Paths, problems: list[str]) -> dict[str, Image]:
 def make_bootconfigs(
     raw: Mapping[str, Any], images: Mapping[str, Image], problems: list[str]
 ) -> dict[str, BootConfig]:
+    for name in raw:
+        if reserved_pxelinux_name(name):
+            problems.append(
+                f"{SITE_FILE}: .bootconfigs.{name}: {name!r} is reserved in pxelinux.cfg"
+                " (default, or an 8-digit HOSTID); choose another name"
+            )
     return {
         name: BootConfig(name, bc["image"], bc.get("append", ""), bc.get("description", ""))
         for name, bc in sorted(raw.items())
@@ -518,16 +526,20 @@ def merge_options(
     layers: list[tuple[str, Mapping[str, Any]]] = []
     for j, g in enumerate(h.get("groups", [])):
         if g not in groups:
-            problems.append(f"{at}.groups[{j}]: unknown group {g!r}"
-                            f" (defined: {', '.join(sorted(groups)) or 'none'})")  # fmt: skip
+            problems.append(
+                f"{at}.groups[{j}]: unknown group {g!r}"
+                f" (defined: {', '.join(sorted(groups)) or 'none'})"
+            )
             continue
         for ref in groups[g][1].get("optionsets", []):
             if ref in optionsets:
                 layers.append((f"optionset {ref} (group {g})", optionsets[ref][1]))
     for j, ref in enumerate(h.get("optionsets", [])):
         if ref not in optionsets:
-            problems.append(f"{at}.optionsets[{j}]: unknown option set {ref!r}"
-                            f" (defined: {', '.join(sorted(optionsets)) or 'none'})")  # fmt: skip
+            problems.append(
+                f"{at}.optionsets[{j}]: unknown option set {ref!r}"
+                f" (defined: {', '.join(sorted(optionsets)) or 'none'})"
+            )
             continue
         layers.append((f"optionset {ref}", optionsets[ref][1]))
     if "options" in h:
@@ -569,6 +581,11 @@ def check_options(
         bad("chroot", f"no chroot {chroot!r} under {paths.chroots}")
 
 
+def reserved_pxelinux_name(name: str) -> bool:
+    """Names a boot config file cannot take: pxelinux's own `default` and HOSTID links."""
+    return name == "default" or re.fullmatch(r"[0-9A-Fa-f]{1,8}", name) is not None
+
+
 def host_bootconfig(
     h: Mapping[str, Any],
     images: Mapping[str, Image],
@@ -593,7 +610,12 @@ def host_bootconfig(
     if image is None:
         problems.append(f"{at}: needs an image or a bootconfig")
         return ""
-    if image not in images:
+    if reserved_pxelinux_name(image):
+        problems.append(
+            f"{at}.image: an image named {image!r} cannot be booted by name;"
+            " give the host a bootconfig"
+        )
+    elif image not in images:
         problems.append(
             f"{at}.image: unknown image {image!r} (images.d has: "
             f"{', '.join(sorted(images)) or 'none'})"

@@ -89,8 +89,9 @@ def qlimage(
         [*QLIMAGE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"qlimage {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")  # fmt: skip
+        raise AssertionError(
+            f"qlimage {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 

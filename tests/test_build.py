@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import qlimage
 
 pytestmark = [pytest.mark.tools, pytest.mark.network]
@@ -44,8 +43,9 @@ def test_outputs_are_in_place(built_site: Path) -> None:
     boot = built_site / "bootfiles"
     for rel in OUTPUTS:
         assert (boot / rel).is_file(), rel
-    links = {p.name: p.readlink().as_posix() for p in (boot / "pxelinux.cfg").iterdir()
-             if p.is_symlink()}  # fmt: skip
+    links = {
+        p.name: p.readlink().as_posix() for p in (boot / "pxelinux.cfg").iterdir() if p.is_symlink()
+    }
     assert links == {"0A00020F": "compute", "0A000210": "demo"}
     assert (boot / "tftpboot/pxelinux.cfg").readlink().as_posix() == "../pxelinux.cfg"
     assert (boot / "tftpboot/qlustar").readlink().as_posix() == "../qlustar"
@@ -69,8 +69,20 @@ def test_two_builds_in_different_directories_are_identical(
 def test_doit_list_explains_every_task(built_site: Path) -> None:
     out = qlimage("-C", str(built_site), "doit", "list", "--all").stdout
     lines = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
-    for task in ("kernel", "initrd", "tftpboot", "module", "module:core", "stage", "stage:demo",
-                 "squashfs", "squashfs:demo", "pxelinux", "pxelinux:configs", "pxelinux:links"):  # fmt: skip
+    for task in (
+        "kernel",
+        "initrd",
+        "tftpboot",
+        "module",
+        "module:core",
+        "stage",
+        "stage:demo",
+        "squashfs",
+        "squashfs:demo",
+        "pxelinux",
+        "pxelinux:configs",
+        "pxelinux:links",
+    ):
         assert task in lines and lines[task].strip(), f"{task} has no description:\n{out}"
 
 
@@ -78,8 +90,10 @@ def test_adding_a_node_rebuilds_only_pxelinux_links(site_factory: Callable[..., 
     root = site_factory()
     qlimage("-C", str(root), "build")
     with (root / "nodes.d/cluster.toml").open("a") as f:
-        f.write('\n[[hosts]]\nname = "beo-03"\nmac = "52:54:00:12:34:58"\nimage = "demo"\n'
-                'networks.boot = "10.0.2.17"\n')  # fmt: skip
+        f.write(
+            '\n[[hosts]]\nname = "beo-03"\nmac = "52:54:00:12:34:58"\nimage = "demo"\n'
+            'networks.boot = "10.0.2.17"\n'
+        )
     out = qlimage("-C", str(root), "build").stdout
     assert executed(out) == ["pxelinux:links"], out
     assert (root / "bootfiles/pxelinux.cfg/0A000211").readlink().as_posix() == "demo"

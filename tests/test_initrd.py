@@ -363,11 +363,6 @@ def test_build_initrd_with_unknown_module_leaves_no_output(
 
 
 @pytest.mark.usefixtures("busybox")
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: build_initrd writes `extra` files after normalize_modes(), "
-    "so their modes (and new directories') follow the umask",
-)
 def test_build_initrd_extra_files_are_reproducible_across_umasks(
     tmp_path: Path, modules_dir: Path
 ) -> None:

@@ -216,11 +216,6 @@ def test_install_tftp_tree_without_pxelinux(
     assert not (tmp_path / "tftpboot/pxelinux.0").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: a boot config named 'default' is silently replaced by the rendering "
-    "of boot.default in pxelinux.cfg/default; site.py should reject the reserved name",
-)
 def test_bootconfig_named_default_is_rejected(site_factory: SiteFactory) -> None:
     root = site_factory(port=PORT)
     text = (root / "site.toml").read_text()
