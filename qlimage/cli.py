@@ -57,11 +57,43 @@ def cmd_validate(site: Site, args: argparse.Namespace) -> int:
 
 
 def cmd_build(site: Site, args: argparse.Namespace) -> int:
-    return run_doit(site, ["run", *args.doit_args])
+    from qlimage.publish import build_lock
+
+    with build_lock(site.paths.bootfiles, wait=not args.no_wait):
+        return run_doit(site, ["run", *args.doit_args])
+
+
+def cmd_rollback(site: Site, args: argparse.Namespace) -> int:
+    from qlimage.publish import build_lock, rollback
+    from qlimage.tasks import Layout
+
+    if args.image not in site.images:
+        raise QlimageError(
+            f"unknown image {args.image!r} (images.d has: "
+            f"{', '.join(sorted(site.images)) or 'none'})"
+        )
+    with build_lock(site.paths.bootfiles, wait=not args.no_wait):
+        gen = rollback(Layout(site).image_root(args.image))
+    print(f"image {args.image}: generation {gen} is current again")
+    return 0
 
 
 def cmd_doit(site: Site, args: argparse.Namespace) -> int:
+    from qlimage.publish import build_lock
+
+    if doit_runs_tasks(args.doit_args):
+        with build_lock(site.paths.bootfiles):
+            return run_doit(site, args.doit_args)
     return run_doit(site, args.doit_args)
+
+
+# doit commands that only read the graph; anything else may run tasks and takes the build lock.
+READ_ONLY_DOIT = {"list", "info", "help", "dumpdb", "tabcompletion", "graph", "forget", "ignore"}
+
+
+def doit_runs_tasks(argv: Sequence[str]) -> bool:
+    command = next((a for a in argv if not a.startswith("-")), "run")
+    return command not in READ_ONLY_DOIT
 
 
 def cmd_vm(site: Site, args: argparse.Namespace) -> int:
@@ -100,8 +132,13 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check every site file and resolve every image")
     s.set_defaults(func=cmd_validate)
     s = sub.add_parser("build", help="build what changed (doit run); extra args go to doit")
+    s.add_argument("--no-wait", action="store_true", help="fail if another build is running")
     s.add_argument("doit_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_build)
+    s = sub.add_parser("rollback", help="make the image's previous generation current again")
+    s.add_argument("image")
+    s.add_argument("--no-wait", action="store_true", help="fail if a build is running")
+    s.set_defaults(func=cmd_rollback)
     s = sub.add_parser("doit", help="any doit command on the site's graph (list, info, forget...)")
     s.add_argument("doit_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_doit)

@@ -14,10 +14,11 @@ import fcntl
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from qlimage.atomic import TMP_PREFIX, atomic_path, symlink, write_text
+from qlimage.atomic import TMP_PREFIX, symlink, write_text
 from qlimage.errors import QlimageError
 
 CURRENT = "current"
@@ -59,14 +60,16 @@ def publish(root: Path, build: Callable[[Path], list[Path]], keep: int) -> str:
     """Build a generation with `build(tmpdir)` (returns the files that name it), move it into
     place, make it current and prune to the last `keep` generations. Returns its name."""
     root.mkdir(parents=True, exist_ok=True)
-    with atomic_path(root / "incoming", directory=True) as work:
+    work = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}generation.", dir=root))
+    try:
         os.chmod(work, 0o755)
         name = content_name(build(work))
         write_text(work / GENERATION, name + "\n")
         fsync_tree(work)
-        target = root / name
-        if not target.is_dir():
-            os.rename(work, target)
+        if not (root / name).is_dir():
+            os.rename(work, root / name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     make_current(root, name)
     prune(root, keep)
     return name

@@ -17,8 +17,8 @@ from qlimage.site import BootConfig, Site
 # Where Debian's pxelinux and syslinux-common packages put the BIOS PXE loader and its library.
 PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
 LDLINUX = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
-KERNEL_PATH = "qlustar/boot/vmlinuz"
-INITRD_PATH = "qlustar/boot/initrd.img"
+KERNEL_PATH = "qlustar/boot/current/vmlinuz"
+INITRD_PATH = "qlustar/boot/current/initrd.img"
 HOSTS_INDEX = ".hosts"
 
 _env = jinja2.Environment(
@@ -35,7 +35,8 @@ def hostid(address: str) -> str:
 
 
 def image_path(image: str) -> str:
-    return f"images/{image}.img"
+    """The image's directory below the head's qlustar tree (generations and `current`)."""
+    return f"images/{image}"
 
 
 def kernel_command_line(site: Site, bootconfig: BootConfig, config_name: str) -> str:
@@ -44,7 +45,7 @@ def kernel_command_line(site: Site, bootconfig: BootConfig, config_name: str) ->
         f"qlustar.http={site.http_base}/qlustar",
         f"qlustar.image={bootconfig.image}",
         f"qlustar.path={image_path(bootconfig.image)}",
-        f"qlustar.sum={image_path(bootconfig.image)}.sha256",
+        f"qlustar.sum={bootconfig.image}.img.sha256",
         f"qlustar.bootcfg={bootconfig.name}",
         f"qlustar.pxecfg={config_name}",  # which pxelinux.cfg file booted: default or a HOSTID link
     ]

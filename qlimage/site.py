@@ -87,6 +87,11 @@ class Image:
     description: str
     source: Path
 
+    @property
+    def root_hash_file(self) -> Path:
+        """The image's own root password hash (mode 0600); absent: the head's is used."""
+        return self.source.with_name(f"{self.name}.rootpw")
+
 
 @dataclass(frozen=True)
 class BootConfig:
@@ -159,6 +164,7 @@ class Site:
     default_bootconfig: str | None
     serial: str
     console: str
+    keep_generations: int
     hosts: tuple[Host, ...] = field(default=())
     recipes: tuple[Recipe, ...] = field(default=())
 
@@ -307,6 +313,7 @@ def load_site(root: Path | str = ".") -> Site:
         default_bootconfig=default,
         serial=boot.get("serial", "0 115200"),
         console=boot.get("console", "ttyS0,115200"),
+        keep_generations=raw.get("publish", {}).get("keep", 3),
         hosts=tuple(sorted(hosts, key=lambda h: h.name)),
         recipes=tuple(recipes),
     )

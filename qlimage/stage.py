@@ -1,8 +1,14 @@
-"""The staged root tree of an image: its modules' trees combined, in the image's module order.
+"""The staged root tree of an image, in this order:
+
+1. its modules' trees, in the image's module order (later modules win);
+2. the static overlays and whiteouts (overlays.py: common, then the image's own);
+3. the node runner, at the same version as the head (/usr/lib/qlustar/qlustar-runner);
+4. root's password hash in /etc/shadow (rootpw.py);
+5. /etc/qlustar/image.json and the changelogs in /usr/share/doc/qlustar-image.
 
 Unpacked module trees are cached per package version and hard-linked into the stage, so a
 rebuild with unchanged modules copies no file contents. Anything written into the stage after
-that must replace a path (unlink, then create), never write through a link into the cache.
+step 1 must replace a path (unlink, then create), never write through a link into the cache.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
+from qlimage import changelogs, overlays, rootpw
 from qlimage.atomic import atomic_path, write_text
 from qlimage.pool import ModulePackage
 from qlimage.run import run
@@ -19,6 +27,7 @@ from qlimage.site import Image, Site
 from qlimage.trees import manifest
 
 STAMP = ".qlimage-unpacked"
+RUNNER = "usr/lib/qlustar/qlustar-runner"
 
 
 def module_tree_dir(site: Site, module: ModulePackage) -> Path:
@@ -44,36 +53,66 @@ def unpack_module(site: Site, module: ModulePackage) -> Path:
 
 
 def resolved_modules_json(image: Image, modules: Sequence[ModulePackage]) -> str:
-    return (
-        json.dumps(
-            {
-                "image": image.name,
-                "flavor": image.flavor,
-                "version": image.version,
-                "modules": [
-                    {"module": m.module, "package": m.package, "version": m.version}
-                    for m in modules
-                ],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    data = {
+        "image": image.name,
+        "flavor": image.flavor,
+        "version": image.version,
+        "modules": [
+            {"module": m.module, "package": m.package, "version": m.version} for m in modules
+        ],
+    }
+    return json.dumps(data, indent=2) + "\n"
 
 
-def stage_image(site: Site, image: Image, modules: Sequence[ModulePackage], dest: Path) -> None:
-    """Build the staged tree at `dest` (replaced atomically); later modules win on conflicts."""
+def replace_file(root: Path, rel: str, data: bytes, mode: int) -> None:
+    path = root / rel
+    for parent in reversed(path.relative_to(root).parents):
+        d = root / parent
+        if not d.exists():
+            d.mkdir()
+            os.chmod(d, 0o755)
+    path.unlink(missing_ok=True)
+    path.write_bytes(data)
+    os.chown(path, 0, 0)
+    os.chmod(path, mode)
+
+
+def runner_source() -> bytes:
+    return resources.files("qlimage").joinpath("noderunner.py").read_bytes()
+
+
+def stage_image(
+    site: Site,
+    image: Image,
+    modules: Sequence[ModulePackage],
+    dest: Path,
+    *,
+    previous: Path | None,
+) -> list[changelogs.ModuleState]:
+    """Build the staged tree at `dest` (replaced atomically). `previous` is the image's current
+    generation (for the changelogs). Returns the module states the next build compares with."""
     trees = [unpack_module(site, m) for m in modules]
+    states = {m.module: changelogs.module_state(m, t) for m, t in zip(modules, trees, strict=True)}
+    prior = changelogs.load_state(previous / changelogs.STATE_DIR if previous else None)
     with atomic_path(dest, directory=True) as work:
         os.chmod(work, 0o755)
         for tree in trees:
             run(["cp", "-a", "-l", "--remove-destination", f"{tree}/.", work])
-        info = work / "etc/qlustar/image.json"
-        info.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(info.parent, 0o755)
-        info.unlink(missing_ok=True)
-        info.write_text(resolved_modules_json(image, modules))
-        os.chmod(info, 0o644)
+        overlays.apply_overlays(site.paths.overlays, image.name, work)
+        replace_file(work, RUNNER, runner_source(), 0o755)
+        rootpw.set_root_hash(work, rootpw.image_root_hash(site, image))
+        info = resolved_modules_json(image, modules).encode()
+        replace_file(work, "etc/qlustar/image.json", info, 0o644)
+        for name, data in changelogs.render(modules, states, prior).items():
+            replace_file(work, f"{changelogs.DOC_DIR}/{name}", data, 0o644)
+    with atomic_path(state_dir(dest), directory=True) as work:
+        changelogs.save_state([states[m.module] for m in modules], work)
+    return [states[m.module] for m in modules]
+
+
+def state_dir(dest: Path) -> Path:
+    """Beside the stage: what the published generation keeps for the next build's changelogs."""
+    return dest.with_name(f"{dest.name}.state")
 
 
 def write_manifest(tree: Path, output: Path) -> None:

@@ -21,8 +21,19 @@ from typing import Any
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from qlimage import initrd, kernel, pxe, recipes, squashfs, stage
-from qlimage.atomic import TMP_PREFIX, atomic_path, write_text
+from qlimage import (
+    changelogs,
+    initrd,
+    kernel,
+    overlays,
+    publish,
+    pxe,
+    recipes,
+    rootpw,
+    squashfs,
+    stage,
+)
+from qlimage.atomic import TMP_PREFIX, write_text
 from qlimage.errors import QlimageError
 from qlimage.mirror import fetch_package
 from qlimage.pool import ModulePackage, resolve, scan_pool
@@ -55,18 +66,33 @@ class Layout:
         self.qlustar = b / "qlustar"
         self.kernel_dir = b / "kernel"
         self.kernel_info = b / "kernel" / kernel.INFO
-        self.vmlinuz = self.qlustar / "boot/vmlinuz"
-        self.initrd = self.qlustar / "boot/initrd.img"
+        self.boot = self.qlustar / "boot"
+        self.boot_current = self.boot / publish.CURRENT
         self.manifests = b / "manifests"
 
-    def image(self, name: str) -> Path:
+    @property
+    def vmlinuz(self) -> Path:
+        return self.boot_current / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.boot_current / "initrd.img"
+
+    def image_root(self, name: str) -> Path:
+        """The image's generations, `current`, `history`."""
         return self.qlustar / pxe.image_path(name)
 
+    def image_current(self, name: str) -> Path:
+        return self.image_root(name) / publish.CURRENT
+
+    def image(self, name: str) -> Path:
+        return self.image_current(name) / f"{name}.img"
+
     def image_sum(self, name: str) -> Path:
-        return self.image(name).with_name(self.image(name).name + ".sha256")
+        return self.image_current(name) / f"{name}.img.sha256"
 
     def image_modules(self, name: str) -> Path:
-        return self.qlustar / "images" / f"{name}.modules.json"
+        return self.image_current(name) / "modules.json"
 
     def stage(self, name: str) -> Path:
         return self.bootfiles / "stage" / name
@@ -172,26 +198,28 @@ def task_kernel(site: Site) -> Task:
 def task_initrd(site: Site) -> Task:
     layout = Layout(site)
 
-    def build() -> None:
+    def build(gen: Path) -> list[Path]:
         k = kernel.read_kernel(layout.kernel_dir)
         busybox_deb = fetch_package(site, "busybox-static")
         with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=layout.bootfiles) as tmp:
             run(["dpkg-deb", "-x", busybox_deb, tmp])
             initrd.build_initrd(
-                layout.initrd,
+                gen / "initrd.img",
                 busybox=Path(tmp, "bin/busybox"),
                 kernel_modules=k.modules,
                 kver=k.kver,
                 modules=site.initrd_modules,
                 epoch=site.source_date_epoch,
             )
-        publish_copy(k.vmlinuz, layout.vmlinuz)
+        shutil.copyfile(k.vmlinuz, gen / "vmlinuz")
+        os.chmod(gen / "vmlinuz", 0o644)
+        return [gen / "vmlinuz", gen / "initrd.img"]
 
     return {
         "doc": "initrd (busybox, /init, NIC and image modules) and the kernel",
         "file_dep": [str(layout.kernel_info)],
-        "targets": [str(layout.initrd), str(layout.vmlinuz)],
-        "actions": [build],
+        "targets": [str(layout.boot_current)],
+        "actions": [lambda: publish.publish(layout.boot, build, site.keep_generations) and None],
         "uptodate": [
             config_changed(
                 {
@@ -204,16 +232,18 @@ def task_initrd(site: Site) -> Task:
     }
 
 
-def publish_copy(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
+def overlay_manifests(site: Site, image: Image) -> list[Path]:
+    layout = Layout(site)
+    return [
+        sync_manifest(layer, layout.manifests / f"overlay-{layer.name}.manifest")
+        for layer in overlays.layers(site.paths.overlays, image.name)
+    ]
 
 
 def task_images(site: Site, resolved_modules: dict[str, list[ModulePackage]]) -> Iterator[Task]:
     layout = Layout(site)
-    yield group("stage", "staged root tree per image (modules combined), as a manifest")
-    yield group("squashfs", "squashfs image per image, with .sha256 and the resolved modules")
+    yield group("stage", "staged root tree per image: modules, overlays, runner, root password")
+    yield group("squashfs", "publish a squashfs generation per image, with sha256 and changelogs")
     for image in site.images.values():
         modules = resolved_modules[image.name]
         resolved = stage.resolved_modules_json(image, modules)
@@ -221,7 +251,8 @@ def task_images(site: Site, resolved_modules: dict[str, list[ModulePackage]]) ->
 
         def do_stage(image: Image = image, modules: list[ModulePackage] = modules) -> None:
             dest = layout.stage(image.name)
-            stage.stage_image(site, image, modules, dest)
+            previous = publish.current(layout.image_root(image.name))
+            stage.stage_image(site, image, modules, dest, previous=previous)
             stage.write_manifest(dest, layout.stage_manifest(image.name))
 
         yield {
@@ -229,35 +260,49 @@ def task_images(site: Site, resolved_modules: dict[str, list[ModulePackage]]) ->
             "name": image.name,
             "doc": f"stage image {image.name}: "
             + ", ".join(f"{m.module} {m.version}" for m in modules),
-            "file_dep": [str(m.path) for m in modules],
+            "file_dep": [str(m.path) for m in modules]
+            + [str(p) for p in overlay_manifests(site, image)],
             "targets": [str(stage_manifest)],
             "actions": [do_stage],
-            "uptodate": [config_changed(resolved)],
+            "uptodate": [
+                config_changed(
+                    {
+                        "modules": resolved,
+                        "rootpw": rootpw.root_hash_digest(site, image),
+                        "runner": hashlib.sha256(stage.runner_source()).hexdigest(),
+                    }
+                )
+            ],
         }
 
         def do_squashfs(image: Image = image, resolved: str = resolved) -> None:
-            img = layout.image(image.name)
-            squashfs.make_squashfs(
-                layout.stage(image.name),
-                img,
-                compressor=site.squashfs_compressor,
-                level=site.squashfs_level,
-                block_size=site.squashfs_block_size,
-                epoch=site.source_date_epoch,
-            )
-            write_text(layout.image_modules(image.name), resolved)
-            write_text(layout.image_sum(image.name), f"{file_digest(img)}  {img.name}\n")
+            def build(gen: Path) -> list[Path]:
+                img = gen / f"{image.name}.img"
+                squashfs.make_squashfs(
+                    layout.stage(image.name),
+                    img,
+                    compressor=site.squashfs_compressor,
+                    level=site.squashfs_level,
+                    block_size=site.squashfs_block_size,
+                    epoch=site.source_date_epoch,
+                )
+                (gen / "modules.json").write_text(resolved)
+                (img.with_name(img.name + ".sha256")).write_text(
+                    f"{file_digest(img)}  {img.name}\n"
+                )
+                shutil.copytree(
+                    stage.state_dir(layout.stage(image.name)), gen / changelogs.STATE_DIR
+                )
+                return [img, gen / "modules.json"]
+
+            publish.publish(layout.image_root(image.name), build, site.keep_generations)
 
         yield {
             "basename": "squashfs",
             "name": image.name,
             "doc": f"pack image {image.name} as squashfs ({site.squashfs_compressor}) with sha256",
             "file_dep": [str(stage_manifest)],
-            "targets": [
-                str(layout.image(image.name)),
-                str(layout.image_sum(image.name)),
-                str(layout.image_modules(image.name)),
-            ],
+            "targets": [str(layout.image_current(image.name))],
             "actions": [do_squashfs],
             "uptodate": [
                 config_changed(

@@ -34,11 +34,11 @@ def manifest_line(root: Path, path: Path, *, content: bool = True) -> str:
         what = file_digest(path) if content else f"{st.st_size}:{st.st_mtime_ns}"
     else:
         what = "-"
-    return f"{st.st_mode:06o} {st.st_uid}:{st.st_gid} {what} {rel}"
+    return f"{st.st_mode:06o}\t{st.st_uid}:{st.st_gid}\t{what}\t{rel}"
 
 
 def manifest(root: Path, *, content: bool = True) -> str:
-    """One line per path: mode, owner, content digest or link target, relative path.
+    """One tab-separated line per path: mode, owner, digest or link target, relative path.
 
     Any change doit should notice in a tree (content, mode, owner, add, remove, rename) changes
     this text, so a tree enters the task graph as this one file. `content=False` trades the

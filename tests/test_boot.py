@@ -51,7 +51,7 @@ def test_node_refuses_a_corrupted_image(built_site: Path, tmp_path: Path) -> Non
         site,
         "beo-01",
         timeout=240,
-        overrides={"qlustar/images/demo.img": bad},
+        overrides={f"qlustar/images/demo/{good.parent.resolve().name}/demo.img": bad},
         success=[r"qlustar: init\.qlustar started"],
     )
     log = console_of(result)

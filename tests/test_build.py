@@ -14,11 +14,14 @@ from conftest import qlimage
 pytestmark = [pytest.mark.tools, pytest.mark.network]
 
 OUTPUTS = [
-    "qlustar/images/demo.img",
-    "qlustar/images/demo.img.sha256",
-    "qlustar/images/demo.modules.json",
-    "qlustar/boot/initrd.img",
-    "qlustar/boot/vmlinuz",
+    "qlustar/images/demo/current/demo.img",
+    "qlustar/images/demo/current/demo.img.sha256",
+    "qlustar/images/demo/current/modules.json",
+    "qlustar/images/demo/current/generation",
+    "qlustar/images/demo/history",
+    "qlustar/boot/current/initrd.img",
+    "qlustar/boot/current/vmlinuz",
+    "qlustar/boot/history",
     "pxelinux.cfg/default",
     "pxelinux.cfg/compute",
     "pxelinux.cfg/fallback",
@@ -49,9 +52,11 @@ def test_outputs_are_in_place(built_site: Path) -> None:
     assert links == {"0A00020F": "compute", "0A000210": "demo"}
     assert (boot / "tftpboot/pxelinux.cfg").readlink().as_posix() == "../pxelinux.cfg"
     assert (boot / "tftpboot/qlustar").readlink().as_posix() == "../qlustar"
-    modules = json.loads((boot / "qlustar/images/demo.modules.json").read_text())
+    modules = json.loads((boot / "qlustar/images/demo/current/modules.json").read_text())
     assert [m["module"] for m in modules["modules"]] == ["core"]
-    assert modules["modules"][0]["version"] == "11.0.0"
+    assert modules["modules"][0]["version"] == "11.0.1"
+    gen = (boot / "qlustar/images/demo/current/generation").read_text().strip()
+    assert (boot / "qlustar/images/demo/current").readlink().as_posix() == gen
 
 
 def test_two_builds_in_different_directories_are_identical(
