@@ -52,7 +52,6 @@ import difflib
 import functools
 import grp
 import hashlib
-import ipaddress
 import json
 import os
 import pwd
@@ -238,7 +237,8 @@ class _Renderer:
 
     def identity(self) -> None:
         host = self.host
-        self.files.append(_root_file("/etc/hostname", f"{host.name}\n", "node"))
+        hostname = _render("hostname", node=host.name)
+        self.files.append(_root_file("/etc/hostname", hostname, "node"))
         self.actions.append({"kind": "hostname", "name": host.name})
         variables: dict[str, str] = {}
         for a in host.addresses:
@@ -386,8 +386,11 @@ class _Renderer:
             where = str(PurePosixPath(m["where"]))  # no trailing slash: as systemd sees it
             if where == "/":
                 raise self.problem("mounts", "cannot mount over /")
-            for key, value in (("what", m["what"]), ("where", where), ("options", m.get("options"))):
-                check_unit_value(value, lambda msg, k=key: self.problem("mounts", f"{k}: {msg}"))
+            for key in ("what", "where", "options"):
+                value = where if key == "where" else m.get(key)
+                message = check_unit_value(value)
+                if message:
+                    raise self.problem("mounts", f"{key}: {value!r} {message}")
             name = systemd_escape_path(where)
             if name in seen:
                 raise self.problem("mounts", f"{where} is mounted twice ({seen[name]})")
@@ -437,14 +440,19 @@ class _Renderer:
             "channel": option.get("channel", 1),
         }
         self.actions.append(action)
-        self.option_file("ipmi", "ipmi", network=net.name, **action)
+        settings = {k: v for k, v in action.items() if k != "kind"}
+        self.option_file("ipmi", "ipmi", network=net.name, **settings)
 
     def chroot(self, option: str) -> None:
         self.option_file("chroot", "chroot", chroot=option)
 
     def authorized_keys(self, option: Sequence[str]) -> None:
         origin = self.origin("authorized_keys")
-        text = _render("authorized_keys", **self.context("authorized_keys"), keys=option)
+        keys = [key.strip() for key in option]
+        for key in keys:
+            if any(c in "\r\n\0" for c in key):
+                raise self.problem("authorized_keys", f"{key[:40]!r}...: not a single line")
+        text = _render("authorized_keys", **self.context("authorized_keys"), keys=keys)
         self.files.append(_root_dir("/root/.ssh", 0o700, origin))
         self.files.append(_root_file("/root/.ssh/authorized_keys", text, origin, 0o600))
 
@@ -478,8 +486,6 @@ OPTION_KINDS = (
     "mail",
     "pam_slurm",
 )
-# Kinds that put their actions after those of others: the ones above that are not listed
-# here add their actions in OPTION_KINDS order.
 
 
 def host_image(site: Site, host: Host) -> Image:
@@ -505,7 +511,7 @@ def disk_field(value: str) -> str:
         return "-"
     if value == "-":
         return "\\0055"
-    out = []
+    out: list[str] = []
     for char in value:
         if char.isspace() or char == "\\" or ord(char) < 0x20 or ord(char) == 0x7F:
             out.extend(f"\\0{b:03o}" for b in char.encode())
@@ -514,18 +520,19 @@ def disk_field(value: str) -> str:
     return "".join(out)
 
 
-def check_unit_value(value: str | None, problem: Any) -> None:
-    """What a systemd unit file line cannot carry: control characters (a newline would
-    start a new setting), surrounding whitespace (stripped by systemd) and a trailing
-    backslash (a line continuation). `%` is escaped by the `unit` template filter."""
+def check_unit_value(value: str | None) -> str:
+    """Why `value` cannot be a systemd unit file setting, or "": a control character (a
+    newline would start a new setting), surrounding whitespace (stripped by systemd) or a
+    trailing backslash (a line continuation). `%` is escaped by the `unit` template filter."""
     if not value:
-        return
+        return ""
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise problem(f"{value!r} contains a control character")
+        return "contains a control character"
     if value != value.strip():
-        raise problem(f"{value!r} has leading or trailing whitespace")
+        return "has leading or trailing whitespace"
     if value.endswith("\\"):
-        raise problem(f"{value!r} ends with a backslash")
+        return "ends with a backslash"
+    return ""
 
 
 class _Ids:
@@ -591,7 +598,8 @@ def rootfs_entries(site: Site, config: str, ids: _Ids) -> list[NodeFile]:
                     [f"{path}: not a regular file, directory or symlink (rootfs {config})"]
                 )
     except OSError as e:
-        raise ConfigError([f"{e.filename or top}: cannot read: {e.strerror} (rootfs {config})"])
+        message = f"{e.filename or top}: cannot read: {e.strerror} (rootfs {config})"
+        raise ConfigError([message]) from e
     return entries
 
 
@@ -622,8 +630,7 @@ def render_bundle(site: Site, host: Host) -> Bundle:
     for kind in OPTION_KINDS:
         if kind in host.options:
             getattr(r, kind)(host.options[kind])
-    if len({f.path for f in r.files}) != len(r.files):
-        raise ConfigError([f"{host.source}: host {host.name}: two options write the same file"])
+    assert len({f.path for f in r.files}) == len(r.files), "two options write the same file"
     ids = _Ids()
     layers = [r.files, *(rootfs_entries(site, c, ids) for c in host.options.get("rootfs", ()))]
     return Bundle(
@@ -773,8 +780,9 @@ def _action_line(action: Mapping[str, Any]) -> str:
     for key in sorted(k for k in action if k != "kind"):
         value = action[key]
         if isinstance(value, list | tuple):
-            value = shlex.join(value)
-        words.append(f"{key}={shlex.quote(str(value))}")
+            words.append(f"{key}=[{shlex.join(str(v) for v in value)}]")
+        else:
+            words.append(f"{key}={shlex.quote(str(value))}")
     return " ".join(words)
 
 

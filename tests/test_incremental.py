@@ -1,0 +1,162 @@
+"""The change matrix: each change rebuilds exactly the outputs whose inputs changed.
+
+One site with three images is built once; each test changes one input and checks which tasks
+the next build executes (doit prints '.  task' for those it runs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import qlimage, write_site
+from qlimage.debpack import build_deb
+
+pytestmark = [pytest.mark.tools, pytest.mark.network]
+
+IMAGES = {
+    "alpha": 'name = "alpha"\nflavor = "bookworm"\nversion = "11"\nmodules = ["core"]\n',
+    "beta": 'name = "beta"\nflavor = "bookworm"\nversion = "11"\nmodules = ["core", "extra"]\n',
+    "pinned": 'name = "pinned"\nflavor = "bookworm"\nversion = "11.0.0"\n'
+    'modules = ["core", "extra"]\n',
+}
+
+
+def module_deb(pool: Path, module: str, version: str, files: dict[str, str]) -> Path:
+    tree = pool.parent / f"tree-{module}-{version}"
+    for rel, text in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(text)
+    package = f"qlustar-module-{module}-bookworm"
+    return build_deb(
+        tree,
+        {
+            "Package": package,
+            "Version": version,
+            "Architecture": "amd64",
+            "Maintainer": "t <t@example.org>",
+            "Description": f"test module {module}",
+        },
+        pool / f"{package}_{version}_amd64.deb",
+        source_date_epoch=1700000000,
+    )
+
+
+def executed(out: str) -> set[str]:
+    return set(re.findall(r"^\.  (\S+)", out, re.M))
+
+
+def build(root: Path) -> set[str]:
+    return executed(qlimage("-C", str(root), "build").stdout)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = write_site(tmp_path_factory.mktemp("matrix") / "site")
+    for name, text in IMAGES.items():
+        (root / "images.d" / f"{name}.toml").write_text(text)
+    (root / "images.d/demo.toml").unlink()
+    with (root / "site.toml").open("a") as f:
+        f.write('[bootconfigs.demo]\nimage = "alpha"\n')
+    text = (root / "site.toml").read_text().replace('image = "demo"', 'image = "alpha"')
+    (root / "site.toml").write_text(text)
+    nodes = (root / "nodes.d/cluster.toml").read_text().replace('image = "demo"', 'image = "beta"')
+    (root / "nodes.d/cluster.toml").write_text(nodes)
+    pool = root / "modules/pool"
+    pool.mkdir(parents=True)
+    # An old core the pinned image resolves to, and the extra module (no network needed).
+    module_deb(pool, "core", "11.0.0", {"sbin/init.qlustar": "#!/bin/sh\n"})
+    module_deb(pool, "extra", "11.0.0", {"usr/share/extra/version": "11.0.0\n"})
+    overlay = root / "overlays/common/copy/etc/motd"
+    overlay.parent.mkdir(parents=True)
+    overlay.write_text("welcome\n")
+    (root / "overlays/beta/copy/etc").mkdir(parents=True)
+    (root / "overlays/beta/copy/etc/beta").write_text("beta only\n")
+    build(root)
+    assert build(root) == set(), "a no-op build must execute nothing"
+    return root
+
+
+IMAGE_TASKS = {f"{kind}:{name}" for kind in ("stage", "squashfs") for name in IMAGES}
+
+
+def image_tasks(*names: str) -> set[str]:
+    return {f"{kind}:{name}" for kind in ("stage", "squashfs") for name in names}
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["edit", "add", "delete", "chmod"],
+)
+def test_common_overlay_change_rebuilds_every_image(site: Path, change: str) -> None:
+    copy = site / "overlays/common/copy"
+    if change == "edit":
+        (copy / "etc/motd").write_text("welcome back\n")
+    elif change == "add":
+        (copy / "etc/issue").write_text("qlustar\n")
+    elif change == "delete":
+        (copy / "etc/issue").unlink()
+    else:
+        os.chmod(copy / "etc/motd", 0o600)
+    assert build(site) == IMAGE_TASKS
+
+
+@pytest.mark.parametrize("change", ["edit", "add", "delete", "chmod"])
+def test_image_overlay_change_rebuilds_that_image(site: Path, change: str) -> None:
+    copy = site / "overlays/beta/copy"
+    if change == "edit":
+        (copy / "etc/beta").write_text("beta changed\n")
+    elif change == "add":
+        (copy / "etc/beta2").write_text("more\n")
+    elif change == "delete":
+        (copy / "etc/beta2").unlink()
+    else:
+        os.chmod(copy / "etc/beta", 0o640)
+    assert build(site) == image_tasks("beta")
+
+
+def test_whiteout_change_rebuilds_that_image(site: Path) -> None:
+    (site / "overlays/beta/remove").write_text("/usr/share/extra/version\n")
+    assert build(site) == image_tasks("beta")
+
+
+def test_new_module_version_moves_only_images_resolving_to_it(site: Path) -> None:
+    before = (site / "bootfiles/qlustar/images/pinned/current").readlink()
+    module_deb(site / "modules/pool", "extra", "11.0.1", {"usr/share/extra/version": "11.0.1\n"})
+    assert build(site) == image_tasks("beta")  # alpha has no extra; pinned stays at 11.0.0
+    assert (site / "bootfiles/qlustar/images/pinned/current").readlink() == before
+
+
+def test_image_definition_edit_rebuilds_that_image(site: Path) -> None:
+    path = site / "images.d/alpha.toml"
+    path.write_text(path.read_text() + 'description = "now with a description"\n')
+    # Only the description changed: nothing in the image depends on it.
+    assert build(site) == set()
+    path.write_text(path.read_text().replace('modules = ["core"]', 'modules = ["core", "extra"]'))
+    assert build(site) == image_tasks("alpha")
+
+
+def test_node_change_rebuilds_pxelinux_links_only(site: Path) -> None:
+    nodes = site / "nodes.d/cluster.toml"
+    nodes.write_text(
+        nodes.read_text() + '\n[[hosts]]\nname = "beo-09"\nmac = "52:54:00:00:00:09"\n'
+        'image = "beta"\nnetworks.boot = "10.0.2.99"\n'
+    )
+    assert build(site) - {t for t in build_bundle_tasks(site)} == {"pxelinux:links"}
+
+
+def build_bundle_tasks(site: Path) -> set[str]:
+    return set()
+
+
+def test_kernel_package_change_rebuilds_initrd_only(site: Path) -> None:
+    text = (site / "site.toml").read_text()
+    (site / "site.toml").write_text(text + '\n[kernel]\npackage = "linux-image-6.1.0-50-amd64"\n')
+    assert build(site) == {"kernel", "initrd"}
+
+
+def test_noop_after_all_changes(site: Path) -> None:
+    assert build(site) == set()
