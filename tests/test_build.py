@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from conftest import qlimage
 
 pytestmark = [pytest.mark.tools, pytest.mark.network]

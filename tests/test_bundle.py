@@ -2,8 +2,8 @@
 
 The sites are built in tmp_path by `make_site` (also used by test_bundle_consumers.py). The
 templates' output is compared with golden files in tests/golden/bundle/<host>/ (one file per
-generated node path, plus the host's `describe` output and, for hosts without rootfs, its
-bundle.json). After an intended change, regenerate them with
+generated node path, the symlinks, the actions, the host's `describe` output and, for hosts
+without rootfs, its bundle.json indented). After an intended change, regenerate them with
 
     QLIMAGE_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_bundle.py
 
@@ -108,12 +108,20 @@ pam_slurm = true
 [optionsets.mailer]
 mail = {{ relayhost = "smtp1.example.org" }}
 
-[optionsets.bonded]
-network = {{ interfaces = [
-  {{ device = "eth0", network = "boot", gateway = false }},
-  {{ device = "bond0", network = "data", bond = {{ slaves = ["eth1", "eth2"], mode = "802.3ad" }} }},
-  {{ device = "ib0", dhcp = true, mtu = 2044 }},
-] }}
+[[optionsets.bonded.network.interfaces]]
+device = "eth0"
+network = "boot"
+gateway = false
+
+[[optionsets.bonded.network.interfaces]]
+device = "bond0"
+network = "data"
+bond = {{ slaves = ["eth1", "eth2"], mode = "802.3ad" }}
+
+[[optionsets.bonded.network.interfaces]]
+device = "ib0"
+dhcp = true
+mtu = 2044
 
 [groups.rack1]
 optionsets = ["compute", "ib"]
@@ -187,6 +195,12 @@ def write(
     path.write_bytes(data)
     os.chown(path, *owner)
     os.chmod(path, mode)  # after chown, which clears setuid bits
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} not exactly once in {path}"
+    path.write_text(text.replace(old, new))
 
 
 def make_dir(path: Path, mode: int = 0o755, owner: tuple[int, int] = (0, 0)) -> None:
@@ -816,7 +830,11 @@ def golden_outputs(b: Bundle) -> dict[str, str]:
     out["actions.json"] = json.dumps([dict(a) for a in b.actions], indent=2) + "\n"
     out["describe.txt"] = qb.describe(b)
     if not any(f.origin.startswith("rootfs ") for f in b.files):
-        out["bundle.json"] = qb.bundle_json(b).decode()
+        # Indented for reviewable diffs; the canonical bytes are its compact form.
+        doc = json.loads(qb.bundle_json(b))
+        compact = json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n"
+        assert compact.encode() == qb.bundle_json(b)
+        out["bundle.json"] = json.dumps(doc, sort_keys=True, indent=2) + "\n"
     return out
 
 
@@ -966,21 +984,17 @@ def test_bundle_inputs_change_iff_inputs_change(site_root: Path) -> None:
 
     # Another host's entry: beo-01 unchanged.
     state = inputs()
-    hosts = site_root / "nodes.d/hosts.toml"
-    hosts.write_text(hosts.read_text().replace('ipmi = { network = "boot", channel = 2 }',
-                                               'ipmi = { network = "boot", channel = 3 }'))  # fmt: skip
+    edit(site_root / "nodes.d/hosts.toml", "channel = 2", "channel = 3")
     assert changed(state) == {"beo-02"}
 
     # An option set used by beo-01, beo-03 and beo-04 (through the group).
     state = inputs()
-    options = site_root / "nodes.d/options.toml"
-    options.write_text(options.read_text().replace('"vers=4,ro"', '"vers=4.2,ro"'))
+    edit(site_root / "nodes.d/options.toml", '"vers=4,ro"', '"vers=4.2,ro"')
     assert changed(state) == {"beo-01", "beo-03", "beo-04"}
 
     # A network: only hosts with an address on it.
     state = inputs()
-    site_toml = site_root / "site.toml"
-    site_toml.write_text(site_toml.read_text().replace("mtu = 9000", "mtu = 8000"))
+    edit(site_root / "site.toml", "mtu = 9000", "mtu = 8000")
     assert changed(state) == {"beo-02", "beo-05"}
 
     # An image's flavor: its hosts.
@@ -1045,9 +1059,7 @@ def test_diff(site_root: Path) -> None:
     write(site_root / "rootfs/base/etc/added.conf", "x = 1\n")
     write(site_root / "rootfs/base/opt/tool", BINARY[::-1], 0o4755, (UID, UID))
     os.chown(site_root / "rootfs/base/var/spool/jobs", 0, 0)
-    hosts = site_root / "nodes.d/hosts.toml"
-    hosts.write_text(hosts.read_text().replace('ipmi = { network = "ipmi" }',
-                                               'ipmi = { network = "ipmi", channel = 3 }'))  # fmt: skip
+    edit(site_root / "nodes.d/hosts.toml", 'network = "ipmi" }', 'network = "ipmi", channel = 3 }')
     new = render(load_site(site_root), "beo-01")
     out = qb.diff(old, new)
     assert out == (

@@ -390,9 +390,27 @@ def test_node_runner_accepts_the_files(site: Site, node: str) -> None:
             assert entry.target == f.target
 
 
-@pytest.mark.xfail(reason="the node runner does not know ensure-line (and if_exists) yet")
+@pytest.mark.xfail(reason="the node runner does not know ensure-line (nor if_exists) yet")
 def test_node_runner_accepts_every_action(site: Site) -> None:
     b = render(site, "beo-01")
     assert {a["kind"] for a in b.actions} - RUNNER_ACTIONS == {"ensure-line"}
     parsed = noderunner.parse_bundle(qb.bundle_json(b), "0" * 64)
     assert len(parsed.actions) == len(b.actions)
+
+
+@pytest.mark.xfail(reason='the node runner requires an IPv4 gateway; no gateway is ""')
+def test_node_runner_accepts_ipmi_without_gateway(tmp_path: Path) -> None:
+    extra = """
+[[hosts]]
+name = "beo-08"
+mac = "52:54:00:12:34:5d"
+image = "demo"
+networks.boot = "10.0.2.22"
+networks.ib = "10.10.3.4"
+options.ipmi = { network = "ib" }
+"""
+    site = load_site(make_site(tmp_path / "site", extra_hosts=extra))
+    b = render(site, "beo-08")
+    assert b.actions[1]["gateway"] == ""
+    parsed = noderunner.parse_bundle(qb.bundle_json(b), "0" * 64)
+    assert len(parsed.actions) == 2

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import qlimage, write_site
 from qlimage.debpack import build_deb
+
+from conftest import qlimage, write_site
 
 pytestmark = [pytest.mark.tools, pytest.mark.network]
 

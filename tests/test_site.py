@@ -9,10 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import QLIMAGE, REPO, qlimage
 
 from qlimage.errors import ConfigError, QlimageError
 from qlimage.site import BootConfig, load_site
+
+from conftest import QLIMAGE, REPO, qlimage
 
 SiteFactory = Callable[..., Path]
 
