@@ -214,7 +214,9 @@ def collect(site: Site, debs: Iterable[Path]) -> Collected:
             control = read_control(deb)
             module = module_from_control(deb, control)
             if module is None:
-                raise QlimageError(f"{deb}: package {control['Package']!r} is not a module package")
+                raise QlimageError(
+                    f"{deb}: package {control.get('Package', '?')!r} is not a module package"
+                )
             arch = control.get("Architecture", "all").strip() or "all"
             target = pool / pool_file_name(module.package, module.version, arch)
             twins = [

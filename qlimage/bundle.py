@@ -60,7 +60,7 @@ import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -200,6 +200,14 @@ def _root_link(path: str, target: str, origin: str) -> NodeFile:
     return NodeFile(path, "symlink", 0o777, "root", "root", 0, 0, target=target, origin=origin)
 
 
+def _stanza(device: str, **settings: Any) -> dict[str, Any]:
+    """One network device, format neutral (see _Renderer.interface_stanzas)."""
+    stanza = {"device": device, "method": "manual", "address": "", "netmask": "", "prefix": "",
+              "gateway": "", "mtu": None, "bond": None, "master": ""}  # fmt: skip
+    stanza.update(settings)
+    return stanza
+
+
 class _Renderer:
     """Collects one host's files and actions; one method per option kind."""
 
@@ -241,14 +249,15 @@ class _Renderer:
         self.files.append(_root_file("/etc/hostname", hostname, "node"))
         self.actions.append({"kind": "hostname", "name": host.name})
         variables: dict[str, str] = {}
+        networks: dict[str, str] = {}
         for a in host.addresses:
             var = "ADDRESS_" + a.network.upper().replace("-", "_")
             if var in variables:
                 raise ConfigError(
-                    [f"{host.source}: host {host.name}: networks {a.network!r} and another "
-                     f"both give the variable {var} in {OPTIONS_DIR}/node; rename one"]
+                    [f"{host.source}: host {host.name}: networks {networks[var]!r} and "
+                     f"{a.network!r} both give the variable {var} in {OPTIONS_DIR}/node"]
                 )  # fmt: skip
-            variables[var] = a.address
+            variables[var], networks[var] = a.address, a.network
         text = _render(
             "node",
             node=host.name,
@@ -292,17 +301,7 @@ class _Renderer:
         for iface in interfaces:
             device = iface["device"]
             claim(device, "an interface")
-            s: dict[str, Any] = {
-                "device": device,
-                "method": "manual",
-                "address": "",
-                "netmask": "",
-                "prefix": "",
-                "gateway": "",
-                "mtu": iface.get("mtu"),
-                "bond": None,
-                "master": "",
-            }
+            s = _stanza(device, mtu=iface.get("mtu"))
             if "network" in iface:
                 net, address = self.network_of(iface["network"])
                 s["mtu"] = s["mtu"] or net.mtu
@@ -330,19 +329,7 @@ class _Renderer:
             stanzas.append(s)
             for slave in bond["slaves"] if bond is not None else ():
                 claim(slave, f"a slave of {device}")
-                stanzas.append(
-                    {
-                        "device": slave,
-                        "method": "manual",
-                        "address": "",
-                        "netmask": "",
-                        "prefix": "",
-                        "gateway": "",
-                        "mtu": None,
-                        "bond": None,
-                        "master": device,
-                    }
-                )
+                stanzas.append(_stanza(slave, master=device))
         if len(gateways) > 1:
             raise self.problem(
                 "network",
@@ -383,7 +370,8 @@ class _Renderer:
         origin = self.origin("mounts")
         seen: dict[str, str] = {}
         for m in option:
-            where = str(PurePosixPath(m["where"]))  # no trailing slash: as systemd sees it
+            # Simplified as systemd does (the schema rules out "." and ".." components).
+            where = "/" + "/".join(part for part in m["where"].split("/") if part)
             if where == "/":
                 raise self.problem("mounts", "cannot mount over /")
             for key in ("what", "where", "options"):

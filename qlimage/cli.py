@@ -122,6 +122,21 @@ def cmd_vm(site: Site, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(site: Site, args: argparse.Namespace) -> int:
+    from qlimage import bundle
+
+    new = bundle.render_bundle(site, site.host(args.node))
+    if args.previous is None:
+        print(bundle.describe(new), end="")
+        return 0
+    try:
+        old = Path(args.previous).read_bytes()
+    except OSError as e:
+        raise QlimageError(f"{args.previous}: cannot read the previous bundle: {e.strerror}") from e
+    print(bundle.diff(old, new) or "no change")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlimage", description=__doc__)
     p.add_argument("--version", action="version", version=f"qlimage {__version__}")
@@ -148,6 +163,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--memory", type=int, default=1024, help="MiB of guest memory")
     s.add_argument("--quiet", action="store_true", help="print the console only on failure")
     s.set_defaults(func=cmd_vm)
+    s = sub.add_parser("preview", help="every file and action a node receives (or the diff)")
+    s.add_argument("node")
+    s.add_argument("--previous", metavar="BUNDLE", help="a previous bundle.json to diff against")
+    s.set_defaults(func=cmd_preview)
+    from qlimage import apthook
+
+    apthook.register(sub)
     return p
 
 

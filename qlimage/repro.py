@@ -13,8 +13,8 @@ Two copies of the site's inputs are built in two temporary directories, each by 
 | clock | now | later (and a day behind, through faketime, when it is installed) |
 
 What stays the same is what a site's outputs may depend on: its input files (copied with their
-modes, owners and mtimes), SOURCE_DATE_EPOCH (the site's), the download cache (shared) and the
-host's tools. Outputs are the published trees `tftpboot/`, `pxelinux.cfg/` and `qlustar/` under
+modes, owners and mtimes), SOURCE_DATE_EPOCH (the site's: both copies have its site.toml and the
+same environment), the download cache (shared) and the host's tools. Outputs are the published trees `tftpboot/`, `pxelinux.cfg/` and `qlustar/` under
 `bootfiles/`, and the .debs the site's recipes build. A `current` link is compared as link text
 and the generation it points at is walked under the link's name, so both builds' images are
 compared as `.../current/<image>.img` even when their generation names (content hashes) differ.
@@ -464,7 +464,8 @@ def build_env(site: Site, variant: Variant) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     env["TZ"] = timezone(variant.tz)
     env["PYTHONHASHSEED"] = variant.hash_seed
-    env["SOURCE_DATE_EPOCH"] = str(site.source_date_epoch)  # for a site.toml without one
+    # SOURCE_DATE_EPOCH is left as it is: the same for both, and it is what `qlimage build` in
+    # this shell would see (site.toml's value wins; without one the environment's is the site's).
     env["QLIMAGE_CACHE"] = str(site.paths.cache)  # likewise: the same download cache
     return env
 

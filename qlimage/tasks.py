@@ -22,6 +22,7 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from qlimage import (
+    bundle,
     changelogs,
     initrd,
     kernel,
@@ -33,12 +34,12 @@ from qlimage import (
     squashfs,
     stage,
 )
-from qlimage.atomic import TMP_PREFIX, write_text
+from qlimage.atomic import TMP_PREFIX, write_bytes, write_text
 from qlimage.errors import QlimageError
 from qlimage.mirror import fetch_package
 from qlimage.pool import ModulePackage, resolve, scan_pool
 from qlimage.run import run
-from qlimage.site import Image, Site
+from qlimage.site import Host, Image, Site
 from qlimage.trees import file_digest, manifest
 
 Task = dict[str, Any]
@@ -93,6 +94,13 @@ class Layout:
 
     def image_modules(self, name: str) -> Path:
         return self.image_current(name) / "modules.json"
+
+    def node_dir(self, host: Host) -> Path:
+        """Where a node's bundle is published; the runner asks for it by the boot NIC's MAC."""
+        return self.qlustar / "nodes" / host.mac.replace(":", "-")
+
+    def bundle(self, host: Host) -> Path:
+        return self.node_dir(host) / "bundle.json"
 
     def stage(self, name: str) -> Path:
         return self.bootfiles / "stage" / name
@@ -341,6 +349,30 @@ def task_pxelinux(site: Site) -> Iterator[Task]:
     }
 
 
+def write_bundle(site: Site, host: Host, target: Path) -> None:
+    """Render the node's bundle and publish it with its checksum (checksum last: a node that
+    reads a new bundle with an old checksum refuses it and retries)."""
+    data = bundle.bundle_json(bundle.render_bundle(site, host))
+    write_bytes(target, data)
+    digest = hashlib.sha256(data).hexdigest()
+    write_text(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n")
+
+
+def task_bundles(site: Site) -> Iterator[Task]:
+    layout = Layout(site)
+    yield group("bundle", "per-node bundle: every file and action the node runner applies")
+    for host in site.hosts:
+        target = layout.bundle(host)
+        yield {
+            "name": host.name,
+            "doc": f"bundle of {host.name} ({host.mac})",
+            "file_dep": [],
+            "targets": [str(target), str(target) + ".sha256"],
+            "actions": [(write_bundle, [site, host, target])],
+            "uptodate": [config_changed(bundle.bundle_inputs(site, host))],
+        }
+
+
 def task_tftpboot(site: Site) -> Task:
     layout = Layout(site)
     return {
@@ -388,6 +420,7 @@ def site_tasks(site: Site) -> dict[str, Any]:
         "initrd": lambda: task_initrd(site),
         "images": lambda: task_images(site, p.modules),
         "pxelinux": lambda: task_pxelinux(site),
+        "bundle": lambda: task_bundles(site),
         "tftpboot": lambda: task_tftpboot(site),
     }
     return {f"task_{name}": creator(make) for name, make in makers.items()}

@@ -55,10 +55,18 @@ modules = ["core"]
 """
 
 NODES_TOML = """\
+[optionsets.compute]
+rootfs = ["tweaks"]
+authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk7Jc4LkQ1wY8+3x2lqj4mGQ0bqGv6mZ7W3aQbqK0Yd admin@head"]
+
+[groups.rack1]
+optionsets = ["compute"]
+
 [[hosts]]
 name = "beo-01"
 mac = "52:54:00:12:34:56"
 bootconfig = "compute"
+groups = ["rack1"]
 networks.boot = {{ address = "10.0.2.15", aliases = ["node1"] }}
 
 [[hosts]]
@@ -78,7 +86,39 @@ def write_site(root: Path, *, port: int | None = None) -> Path:
     (root / "nodes.d").mkdir(exist_ok=True)
     (root / "nodes.d/cluster.toml").write_text(NODES_TOML.format())
     shutil.copytree(REPO / "modules/core", root / "modules/core", dirs_exist_ok=True)
+    write_rootfs_config(root / "rootfs/tweaks")
     return root
+
+
+# Root FS Customization scripts write to the console so a boot test can see them run, in order.
+SCRIPT = """#!/bin/sh
+echo "qlustar-test: {name} ran" > /dev/console
+{extra}
+"""
+
+
+def write_rootfs_config(top: Path) -> None:
+    """Two init.d scripts and a file owned by daemon (uid 1 in the core module) with mode 0640."""
+    initd = top / "lib/qlustar/init.d"
+    initd.mkdir(parents=True, exist_ok=True)
+    for name, extra in (
+        ("10-first", ""),
+        (
+            "20-second",
+            "echo \"qlustar-test: secret $(stat -c '%U:%G %a' /etc/qlustar/secret)\""
+            " > /dev/console",
+        ),
+    ):
+        path = initd / name
+        path.write_text(SCRIPT.format(name=name, extra=extra))
+        os.chmod(path, 0o755)
+    secret = top / "etc/qlustar/secret"
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text("only for daemon\n")
+    os.chown(secret, 1, 1)
+    os.chmod(secret, 0o640)
+    for d in (top, *[p for p in top.rglob("*") if p.is_dir()]):
+        os.chmod(d, 0o755)
 
 
 def qlimage(

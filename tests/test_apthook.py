@@ -27,6 +27,7 @@ from qlimage import apthook
 from qlimage.debpack import build_deb
 from qlimage.errors import QlimageError
 from qlimage.site import load_site
+from qlimage.trees import manifest
 
 from conftest import QLIMAGE, REPO, qlimage
 
@@ -305,7 +306,7 @@ def test_collect_copies_modules_and_survives_broken_files(
     assert not (site.pool / good.name).exists() and not site.marker.exists()
 
 
-def test_collect_never_fails_even_without_a_pool(
+def test_collect_never_fails_when_the_pool_is_unusable(
     site: HookSite, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     shutil.rmtree(site.pool)
@@ -396,6 +397,18 @@ def test_rebuild_without_marker_does_nothing(
     assert not site.bootfiles.exists()  # no lock taken, no doit database, nothing built
 
 
+def test_rebuild_that_fails_keeps_the_change_pending(
+    site: HookSite, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    site.bootfiles.mkdir()
+    site.marker.write_text("pending\n")  # but apttest, which two images need, is not in the pool
+    with pytest.raises(
+        QlimageError, match=r"apt-hook rebuild: module apttest 11\S* \(bookworm\): not in the pool"
+    ):
+        hook(site, "rebuild", monkeypatch=monkeypatch, capsys=capsys)
+    assert site.marker.read_text() == "pending\n"
+
+
 # --- end to end: real apt-get, real dpkg, the real `qlimage` command -------------------------
 
 
@@ -477,11 +490,15 @@ def purge_apttest() -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def apttest_purged() -> Iterator[None]:
+    """The test package is gone afterwards, however the test ended; /etc/apt is untouched."""
+    etc_apt = manifest(Path("/etc/apt"))
     purge_apttest()
     yield
     proc = purge_apttest()
     assert proc.returncode == 0, proc.stderr
     assert not Path("/usr/share/qlimage-apttest").exists()
+    assert installed_version(APTTEST) == ""
+    assert manifest(Path("/etc/apt")) == etc_apt
 
 
 def installed_version(package: str) -> str:

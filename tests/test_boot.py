@@ -38,6 +38,16 @@ def test_node_boots_through_its_host_config_to_init_qlustar(built_site: Path) ->
     assert "qlustar: init.qlustar started" in log
     # The boot config's extra parameter reached the kernel.
     assert re.search(r"Command line: .* debug\b", log)
+    # The node runner fetched and applied this node's bundle, then ran the Root FS
+    # Customization scripts in order; the non-root file kept its owner and mode.
+    assert re.search(r"qlustar: bundle applied: \d+ files \(sha256 [0-9a-f]{12}\)", log), log
+    first = log.index("qlustar: init.d 10-first started")
+    assert log.index("qlustar-test: 10-first ran") > first
+    second = log.index("qlustar: init.d 20-second started")
+    assert second > log.index("qlustar: init.d 10-first exited with status 0")
+    assert log.index("qlustar-test: secret daemon:daemon 640") > second
+    assert "qlustar: init.d 20-second exited with status 0" in log
+    assert "qlustar: handing over to /sbin/init" in log
 
 
 def test_node_refuses_a_corrupted_image(built_site: Path, tmp_path: Path) -> None:

@@ -310,6 +310,22 @@ def test_host_without_options_gets_identity_only(site_root: Path) -> None:
     assert b.actions == ({"kind": "hostname", "name": "beo-07"},)
 
 
+def test_network_names_giving_the_same_variable_are_an_error(site_root: Path) -> None:
+    with (site_root / "site.toml").open("a") as f:
+        f.write(
+            '\n[networks.x-y]\ncidr = "10.20.0.0/16"\n\n[networks.x_y]\ncidr = "10.21.0.0/16"\n'
+        )
+    boot = 'networks.boot = "10.0.2.20"\n'
+    more = 'networks.x-y = "10.20.0.1"\nnetworks.x_y = "10.21.0.1"\n'
+    edit(site_root / "nodes.d/hosts.toml", boot, boot + more)
+    with pytest.raises(ConfigError) as e:
+        render(load_site(site_root), "beo-06")
+    assert e.value.problems == [
+        "nodes.d/hosts.toml: host beo-06: networks 'x-y' and 'x_y' both give the variable "
+        "ADDRESS_X_Y in /etc/qlustar/options.d/node"
+    ]
+
+
 # --- network --------------------------------------------------------------------------------
 
 
@@ -612,6 +628,20 @@ options.mounts = [{ what = "head:/x", where = "/srv/my-data 100%/ü", automount 
         render(site, "beo-08")
 
 
+def test_mount_over_root_is_an_error(site_root: Path) -> None:
+    extra = """
+[[hosts]]
+name = "beo-08"
+mac = "52:54:00:12:34:5d"
+image = "demo"
+networks.boot = "10.0.2.22"
+options.mounts = [{ what = "head:/", where = "/" }]
+"""
+    site = load_site(make_site(site_root.parent / "slash", extra_hosts=extra))
+    with pytest.raises(ConfigError, match=r"mounts \(from host options\): cannot mount over /"):
+        render(site, "beo-08")
+
+
 # --- opensm, ipmi, chroot, authorized_keys, mail, pam_slurm ---------------------------------
 
 
@@ -793,6 +823,13 @@ def test_rootfs_special_file_is_an_error(site_root: Path) -> None:
     site = load_site(site_root)
     with pytest.raises(ConfigError, match=r"etc/pipe: not a regular file, directory or symlink"):
         render(site, "beo-01")
+
+
+def test_rootfs_file_name_must_be_utf8(site_root: Path) -> None:
+    with open(os.fsencode(site_root / "rootfs/base/etc") + b"/bad\xff", "wb") as f:
+        f.write(b"x")
+    with pytest.raises(ConfigError, match=r"b'etc/bad\\xff': file name is not valid UTF-8"):
+        render(load_site(site_root), "beo-01")
 
 
 def test_files_are_sorted_directories_first(site: Site) -> None:
@@ -1009,16 +1046,20 @@ def test_bundle_inputs_change_iff_inputs_change(site_root: Path) -> None:
     assert changed(state) == set()
 
 
-def test_bundle_inputs_is_cheap(site_root: Path) -> None:
-    """No file contents are read: an unreadable (but stat-able) file does not matter."""
+def test_bundle_inputs_is_cheap(site_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stat() only: no file of the rootfs trees (or anything else) is opened."""
     site = load_site(site_root)
     host = site.host("beo-01")
-    before = qb.bundle_inputs(site, host)
-    big = site_root / "rootfs/gpu/opt/big"
-    with big.open("wb") as f:
-        f.truncate(1 << 30)  # sparse 1 GiB
-    after = qb.bundle_inputs(site, host)
-    assert after != before
+    before = qb.bundle_inputs(site, host)  # also caches the digest of the code and templates
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"bundle_inputs opened {args[:1]}")
+
+    monkeypatch.setattr(Path, "open", refuse)
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr("builtins.open", refuse)
+    monkeypatch.setattr(os, "open", refuse)
+    assert qb.bundle_inputs(site, host) == before
 
 
 # --- describe and diff ----------------------------------------------------------------------
