@@ -11,7 +11,8 @@ final init (the role of QluMan execd's one-shot configure mode):
  2. fetch <qlustar.http>/nodes/<mac>/bundle.json and its .sha256 from the head, verify and
     validate the whole bundle before anything is written;
  3. write the bundle's files, directories and symlinks atomically;
- 4. perform the bundle's actions (hostname, IPMI address, commands);
+ 4. perform the bundle's actions (hostname, IPMI address, commands, lines ensured in
+    files of the image);
  5. run the executables in /lib/qlustar/init.d in byte-wise sorted order.
 
 Everything is reported as `qlustar: ...` lines on the console and logged under
@@ -333,7 +334,7 @@ class HostnameAction:
 class IpmiAction:
     address: str
     netmask: str
-    gateway: str
+    gateway: str  # "" when the network has no gateway: the BMC's is left as it is
     channel: int
 
 
@@ -341,9 +342,18 @@ class IpmiAction:
 class CommandAction:
     argv: tuple[str, ...]
     description: str = ""
+    if_exists: str | None = None  # skip the command when this path is not on the node
 
 
-Action = HostnameAction | IpmiAction | CommandAction
+@dataclass(frozen=True)
+class EnsureLineAction:
+    """Append `line` to the existing file `path` unless it already has exactly that line."""
+
+    path: str
+    line: str
+
+
+Action = HostnameAction | IpmiAction | CommandAction | EnsureLineAction
 
 
 @dataclass(frozen=True)
@@ -508,9 +518,9 @@ def parse_action(index: int, item: object) -> Action:
             raise BundleError(f"{where}: invalid host name {name!r}")
         return HostnameAction(name)
     if kind == "ipmi":
-        address, netmask, gateway = (
-            parse_ipv4(item, key, where) for key in ("address", "netmask", "gateway")
-        )
+        address, netmask = (parse_ipv4(item, key, where) for key in ("address", "netmask"))
+        # "" means the network has no gateway.
+        gateway = "" if item.get("gateway") == "" else parse_ipv4(item, "gateway", where)
         channel = require(item, "channel", int, where)
         if not 0 <= channel <= 15:
             raise BundleError(f"{where}: IPMI channel {channel} is out of range")
@@ -520,7 +530,17 @@ def parse_action(index: int, item: object) -> Action:
         if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]:
             raise BundleError(f"{where}: argv must be a non-empty list of strings")
         description = optional(item, "description", str, where) or ""
-        return CommandAction(tuple(argv), description)
+        if_exists = optional(item, "if_exists", str, where)
+        if if_exists is not None:
+            check_path(if_exists, f"{where} if_exists")
+        return CommandAction(tuple(argv), description, if_exists)
+    if kind == "ensure-line":
+        path = require(item, "path", str, where)
+        check_path(path, where)
+        line = require(item, "line", str, where)
+        if not line or any(c in line for c in "\n\r\0"):
+            raise BundleError(f"{where}: line {line!r} is not a single non-empty line")
+        return EnsureLineAction(path, line)
     raise BundleError(f"{where}: unknown action kind")
 
 
@@ -764,20 +784,49 @@ def configure_ipmi(action: IpmiAction, run: Runner, reporter: Reporter) -> bool 
         reporter.warn(f"ipmitool not found: IPMI address {action.address} not configured")
         return None
     lan = ["ipmitool", "lan", "set", str(action.channel)]
-    for args in (
-        ["ipsrc", "static"],
-        ["ipaddr", action.address],
-        ["netmask", action.netmask],
-        ["defgw", "ipaddr", action.gateway],
-    ):
+    steps = [["ipsrc", "static"], ["ipaddr", action.address], ["netmask", action.netmask]]
+    if action.gateway:
+        steps.append(["defgw", "ipaddr", action.gateway])
+    else:
+        reporter.detail(f"no IPMI gateway: default gateway of channel {action.channel} unchanged")
+    for args in steps:
         # Later settings make no sense once one failed (e.g. the BMC did not answer).
         if run_logged([*lan, *args], run, reporter, "ipmitool") != 0:
             return False
     return True
 
 
-def run_action_command(action: CommandAction, run: Runner, reporter: Reporter) -> bool:
+def run_action_command(action: CommandAction, run: Runner, reporter: Reporter) -> bool | None:
+    if action.if_exists is not None and not os.path.exists(action.if_exists):
+        # Expected on nodes whose image lacks the program (e.g. no postfix): no warning.
+        reporter.step(f"{action.if_exists} not on this node: {shlex.join(action.argv)} not run")
+        return None
     return run_logged(action.argv, run, reporter, os.path.basename(action.argv[0])) == 0
+
+
+def ensure_line(action: EnsureLineAction, reporter: Reporter) -> bool | None:
+    """Append the line (after a newline, if the file lacks a final one) and replace the file
+    atomically with its mode and owner kept. A symlink is followed: its target is edited."""
+    path = os.path.realpath(action.path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        reporter.warn(f"{action.path} does not exist: line {action.line!r} not added")
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        reporter.detail(f"{action.path} is not a regular file")
+        return False
+    with open(path, "rb") as f:
+        data = f.read()
+    line = action.line.encode("utf-8")
+    if line in data.split(b"\n"):
+        reporter.detail(f"{action.path} already has the line {action.line!r}")
+        return True
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    write_file(path, data + line + b"\n", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    reporter.detail(f"added the line {action.line!r} to {path}")
+    return True
 
 
 def describe_action(action: Action) -> str:
@@ -785,15 +834,19 @@ def describe_action(action: Action) -> str:
         return f"hostname {action.name}"
     if isinstance(action, IpmiAction):
         return f"ipmi {action.address} (channel {action.channel})"
+    if isinstance(action, EnsureLineAction):
+        return f"ensure-line {action.path}"
     return f"command {action.description or shlex.join(action.argv)}"
 
 
 def perform_action(action: Action, run: Runner, reporter: Reporter) -> bool | None:
-    """True: done; False: failed; None: skipped with a warning."""
+    """True: done; False: failed; None: skipped (the reason is logged)."""
     if isinstance(action, HostnameAction):
         return set_hostname(action, run, reporter)
     if isinstance(action, IpmiAction):
         return configure_ipmi(action, run, reporter)
+    if isinstance(action, EnsureLineAction):
+        return ensure_line(action, reporter)
     return run_action_command(action, run, reporter)
 
 

@@ -54,10 +54,14 @@ version = "11"
 modules = ["core"]
 """
 
+ADMIN_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk7Jc4LkQ1wY8+3x2lqj4mGQ0bqGv6mZ7W3aQbqK0Yd admin@head"
+)
+
 NODES_TOML = """\
 [optionsets.compute]
 rootfs = ["tweaks"]
-authorized_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk7Jc4LkQ1wY8+3x2lqj4mGQ0bqGv6mZ7W3aQbqK0Yd admin@head"]
+authorized_keys = ["{key}"]
 
 [groups.rack1]
 optionsets = ["compute"]
@@ -84,7 +88,7 @@ def write_site(root: Path, *, port: int | None = None) -> Path:
     (root / "images.d").mkdir(exist_ok=True)
     (root / "images.d/demo.toml").write_text(IMAGE_TOML)
     (root / "nodes.d").mkdir(exist_ok=True)
-    (root / "nodes.d/cluster.toml").write_text(NODES_TOML.format())
+    (root / "nodes.d/cluster.toml").write_text(NODES_TOML.format(key=ADMIN_KEY))
     shutil.copytree(REPO / "modules/core", root / "modules/core", dirs_exist_ok=True)
     write_rootfs_config(root / "rootfs/tweaks")
     return root

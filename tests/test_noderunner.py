@@ -218,8 +218,8 @@ def console_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
 # Fixtures
 
 
-@pytest.fixture
-def nodefs() -> Iterator[FakeFilesystem]:
+@contextlib.contextmanager
+def fake_node() -> Iterator[FakeFilesystem]:
     """A fake node after switch_root: cmdline, DHCP lease, a few image directories."""
     with Patcher(allow_root_user=False) as patcher:
         fs = patcher.fs
@@ -230,6 +230,12 @@ def nodefs() -> Iterator[FakeFilesystem]:
         for directory in ("/etc/systemd/system", "/root", "/var/log", "/usr/bin", "/srv"):
             fs.create_dir(directory)
         fs.create_file("/etc/passwd", contents="root:x:0:0:root:/root:/bin/bash\n")
+        yield fs
+
+
+@pytest.fixture
+def nodefs() -> Iterator[FakeFilesystem]:
+    with fake_node() as fs:
         yield fs
 
 
@@ -558,6 +564,17 @@ def test_write_failure_midway_exits_partial(
 # Bad bundles: nothing is written
 
 
+IPMI = {
+    "kind": "ipmi",
+    "address": "10.1.0.5",
+    "netmask": "255.255.0.0",
+    "gateway": "10.1.0.1",
+    "channel": 1,
+}
+PAM_LINE = "account    required     pam_slurm_adopt.so"
+ENSURE_LINE = {"kind": "ensure-line", "path": "/etc/pam.d/sshd", "line": PAM_LINE}
+PAM_SSHD = "@include common-auth\naccount    required     pam_nologin.so\n@include common-account\n"
+
 VALID_FILES = [
     dir_entry("/root/.ssh", "0700"),
     file_entry("/root/.ssh/authorized_keys", "key\n", mode="0600"),
@@ -642,6 +659,48 @@ BAD_BUNDLES: dict[str, tuple[Any, str]] = {
             ],
         ),
         "actions[0] (ipmi): address",
+    ),
+    "ipmi gateway not an address": (
+        make_bundle(VALID_FILES, [{**IPMI, "gateway": "none"}]),
+        "actions[0] (ipmi): gateway",
+    ),
+    "ipmi gateway missing": (
+        make_bundle(VALID_FILES, [without(IPMI, "gateway")]),
+        "actions[0] (ipmi): missing field 'gateway'",
+    ),
+    "if_exists relative": (
+        make_bundle(
+            VALID_FILES, [{"kind": "command", "argv": ["postconf"], "if_exists": "postconf"}]
+        ),
+        "actions[0] (command) if_exists: path 'postconf' is not absolute",
+    ),
+    "if_exists not a string": (
+        make_bundle(VALID_FILES, [{"kind": "command", "argv": ["x"], "if_exists": True}]),
+        "actions[0] (command): field 'if_exists' must be of type str",
+    ),
+    "ensure-line relative path": (
+        make_bundle(VALID_FILES, [{**ENSURE_LINE, "path": "etc/pam.d/sshd"}]),
+        "actions[0] (ensure-line): path 'etc/pam.d/sshd' is not absolute",
+    ),
+    "ensure-line dotdot": (
+        make_bundle(VALID_FILES, [{**ENSURE_LINE, "path": "/etc/pam.d/../shadow"}]),
+        "actions[0] (ensure-line): path '/etc/pam.d/../shadow' contains '..'",
+    ),
+    "ensure-line two lines": (
+        make_bundle(VALID_FILES, [{**ENSURE_LINE, "line": "account x\nauth y"}]),
+        "actions[0] (ensure-line): line 'account x\\nauth y' is not a single non-empty line",
+    ),
+    "ensure-line trailing newline": (
+        make_bundle(VALID_FILES, [{**ENSURE_LINE, "line": PAM_LINE + "\n"}]),
+        "is not a single non-empty line",
+    ),
+    "ensure-line empty": (
+        make_bundle(VALID_FILES, [{**ENSURE_LINE, "line": ""}]),
+        "is not a single non-empty line",
+    ),
+    "ensure-line missing line": (
+        make_bundle(VALID_FILES, [without(ENSURE_LINE, "line")]),
+        "actions[0] (ensure-line): missing field 'line'",
     ),
     "unknown action": (make_bundle(VALID_FILES, [{"kind": "reboot"}]), "unknown action kind"),
     "not json": (b'{"format": 1, "files": [', "bundle is not valid JSON"),
@@ -772,14 +831,6 @@ def test_mac_falls_back_to_boot_nic(nodefs: FakeFilesystem, head: Head, commands
 
 # --------------------------------------------------------------------------------------
 # Actions
-
-IPMI = {
-    "kind": "ipmi",
-    "address": "10.1.0.5",
-    "netmask": "255.255.0.0",
-    "gateway": "10.1.0.1",
-    "channel": 1,
-}
 
 
 def test_actions(
