@@ -789,11 +789,9 @@ def configure_ipmi(action: IpmiAction, run: Runner, reporter: Reporter) -> bool 
         steps.append(["defgw", "ipaddr", action.gateway])
     else:
         reporter.detail(f"no IPMI gateway: default gateway of channel {action.channel} unchanged")
-    for args in steps:
-        # Later settings make no sense once one failed (e.g. the BMC did not answer).
-        if run_logged([*lan, *args], run, reporter, "ipmitool") != 0:
-            return False
-    return True
+    # Stops at the first failure: later settings make no sense once one failed (e.g. the
+    # BMC did not answer).
+    return all(run_logged([*lan, *args], run, reporter, "ipmitool") == 0 for args in steps)
 
 
 def run_action_command(action: CommandAction, run: Runner, reporter: Reporter) -> bool | None:

@@ -14,10 +14,14 @@ Two copies of the site's inputs are built in two temporary directories, each by 
 
 What stays the same is what a site's outputs may depend on: its input files (copied with their
 modes, owners and mtimes), SOURCE_DATE_EPOCH (the site's: both copies have its site.toml and the
-same environment), the download cache (shared) and the host's tools. Outputs are the published trees `tftpboot/`, `pxelinux.cfg/` and `qlustar/` under
-`bootfiles/`, and the .debs the site's recipes build. A `current` link is compared as link text
-and the generation it points at is walked under the link's name, so both builds' images are
-compared as `.../current/<image>.img` even when their generation names (content hashes) differ.
+same environment), the download cache (shared), the host's tools and qlimage's own code (a
+warning says when that changed during the check).
+
+Outputs are the published trees `tftpboot/`, `pxelinux.cfg/` and `qlustar/` under `bootfiles/`
+(file content, modes, owners, link text, directory modes; not mtimes) and the .debs the site's
+recipes build. A `current` link is compared as link text and the generation it points at is
+walked under the link's name, so both builds' images are compared as `.../current/<image>.img`
+even when their generation names (content hashes) differ.
 """
 
 from __future__ import annotations
@@ -464,8 +468,8 @@ def build_env(site: Site, variant: Variant) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     env["TZ"] = timezone(variant.tz)
     env["PYTHONHASHSEED"] = variant.hash_seed
-    # SOURCE_DATE_EPOCH is left as it is: the same for both, and it is what `qlimage build` in
-    # this shell would see (site.toml's value wins; without one the environment's is the site's).
+    # SOURCE_DATE_EPOCH is left as it is: the same for both, and what `qlimage build` in this
+    # shell would see (site.toml's value wins; without one, the environment's is the site's).
     env["QLIMAGE_CACHE"] = str(site.paths.cache)  # likewise: the same download cache
     return env
 
@@ -479,6 +483,7 @@ def run_build(site: Site, copy_root: Path, variant: Variant, log: Path) -> Build
     if faketime:
         cmd = [faketime, "-f", FAKETIME_OFFSET, *cmd]
         env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+        env["NO_FAKE_STAT"] = "1"  # shifted file mtimes would be faketime's doing, not ours
     started = time.time()
     with log.open("wb") as f:
         proc = subprocess.run(
@@ -491,6 +496,19 @@ def run_build(site: Site, copy_root: Path, variant: Variant, log: Path) -> Build
             stderr=subprocess.STDOUT,
         )
     return Build(variant, proc.returncode, time.time() - started, log, started, bool(faketime))
+
+
+def package_digest() -> str:
+    """The qlimage code and data the builds run (they are inputs too: the runner, /init...)."""
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(package):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_NAMES)
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            h.update(path.relative_to(package).as_posix().encode() + b"\0")
+            h.update(sha256(path).encode())
+    return h.hexdigest()
 
 
 def output_roots(copy: Site) -> list[str]:
@@ -536,6 +554,7 @@ def repro_check(
             check_copy(site, copies[v.name])
         out(f"repro-check: {site.name}: {n} input paths copied to {tmp}/{{a,b}}")
 
+        code = package_digest()
         builds: list[Build] = []
         for v in VARIANTS:
             if builds and time.time() - builds[-1].started < 1.5:
@@ -557,6 +576,11 @@ def repro_check(
                 return 1
             out(f"repro-check: built {v.name} in {build.seconds:.1f} s")
 
+        if package_digest() != code:
+            out(
+                "repro-check: warning: qlimage's own files changed while the builds ran; "
+                "differences may come from that edit: run the check again"
+            )
         roots = output_roots(copies["a"])
         comparison = compare_trees(copies["a"].paths.root, copies["b"].paths.root, roots)
         report(comparison, diffoscope=diffoscope, out=out)

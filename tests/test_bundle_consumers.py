@@ -390,10 +390,6 @@ def test_node_runner_accepts_the_files(site: Site, node: str) -> None:
             assert entry.target == f.target
 
 
-@pytest.mark.xfail(
-    raises=noderunner.BundleError,
-    reason="the node runner does not know ensure-line (nor if_exists) yet",
-)
 def test_node_runner_accepts_every_action(site: Site) -> None:
     b = render(site, "beo-01")
     assert {a["kind"] for a in b.actions} - RUNNER_ACTIONS == {"ensure-line"}
@@ -401,10 +397,6 @@ def test_node_runner_accepts_every_action(site: Site) -> None:
     assert len(parsed.actions) == len(b.actions)
 
 
-@pytest.mark.xfail(
-    raises=noderunner.BundleError,
-    reason='the node runner requires an IPv4 gateway; "no gateway" is ""',
-)
 def test_node_runner_accepts_ipmi_without_gateway(tmp_path: Path) -> None:
     extra = """
 [[hosts]]

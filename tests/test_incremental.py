@@ -140,17 +140,22 @@ def test_image_definition_edit_rebuilds_that_image(site: Path) -> None:
     assert build(site) == image_tasks("alpha")
 
 
-def test_node_change_rebuilds_pxelinux_links_only(site: Path) -> None:
+def test_node_added_rebuilds_pxelinux_links_and_its_bundle_only(site: Path) -> None:
     nodes = site / "nodes.d/cluster.toml"
     nodes.write_text(
         nodes.read_text() + '\n[[hosts]]\nname = "beo-09"\nmac = "52:54:00:00:00:09"\n'
         'image = "beta"\nnetworks.boot = "10.0.2.99"\n'
     )
-    assert build(site) - {t for t in build_bundle_tasks(site)} == {"pxelinux:links"}
+    assert build(site) == {"pxelinux:links", "bundle:beo-09"}
 
 
-def build_bundle_tasks(site: Path) -> set[str]:
-    return set()
+def test_node_options_change_rebuilds_that_nodes_bundle_only(site: Path) -> None:
+    nodes = site / "nodes.d/cluster.toml"
+    nodes.write_text(nodes.read_text() + "options.opensm = true\n")  # appended to beo-09
+    assert build(site) == {"bundle:beo-09"}
+    secret = site / "rootfs/tweaks/etc/qlustar/secret"
+    secret.write_text("changed\n")  # beo-01 uses the tweaks config (group rack1), beo-02 not
+    assert build(site) == {"bundle:beo-01"}
 
 
 def test_kernel_package_change_rebuilds_initrd_only(site: Path) -> None:

@@ -35,7 +35,9 @@ import pytest
 from pyfakefs.fake_filesystem import FakeFilesystem
 from pyfakefs.fake_filesystem_unittest import Patcher
 from pyfakefs.helpers import set_gid, set_uid
+from test_bundle import make_site
 
+from qlimage import bundle as qb
 from qlimage import noderunner
 from qlimage.noderunner import (
     EXIT_OK,
@@ -48,6 +50,7 @@ from qlimage.noderunner import (
     parse_net_env,
     run_command,
 )
+from qlimage.site import load_site
 
 BASE = "http://10.0.2.2:8470/qlustar"
 MAC_DASHED = "52-54-00-12-34-56"
@@ -918,6 +921,303 @@ def test_missing_ipmitool_warns_and_goes_on(
     assert "qlustar: action ipmi 10.1.0.5 (channel 1) skipped" in out
     assert "qlustar: action hostname beo-01.cluster done" in out
     assert "WARNING: ipmitool not found" in runner_log()
+
+
+def test_ipmi_without_gateway_leaves_the_gateway_alone(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    executable(nodefs, "/usr/bin/ipmitool")
+    head.publish(make_bundle(actions=[{**IPMI, "gateway": "", "channel": 2}]))
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert commands.calls == [
+        ["ipmitool", "lan", "set", "2", "ipsrc", "static"],
+        ["ipmitool", "lan", "set", "2", "ipaddr", "10.1.0.5"],
+        ["ipmitool", "lan", "set", "2", "netmask", "255.255.0.0"],
+    ]
+    out = console_lines(capsys)
+    assert "qlustar: action ipmi 10.1.0.5 (channel 2) done" in out
+    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (0 failed), 0 scripts (0 failed)"
+    assert "no IPMI gateway: default gateway of channel 2 unchanged" in runner_log()
+
+
+def test_command_if_exists_skips_when_the_path_is_missing(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    executable(nodefs, "/usr/bin/present")
+    head.publish(
+        make_bundle(
+            actions=[
+                {
+                    "kind": "command",
+                    "argv": ["/usr/sbin/postconf", "-e", "relayhost=[head]"],
+                    "description": "postfix relay host [head]",
+                    "if_exists": "/usr/sbin/postconf",
+                },
+                {"kind": "command", "argv": ["/usr/bin/present"], "if_exists": "/usr/bin/present"},
+                {"kind": "command", "argv": ["/usr/bin/true"], "if_exists": "/usr/bin"},
+            ]
+        )
+    )
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert commands.calls == [["/usr/bin/present"], ["/usr/bin/true"]]
+    out = console_lines(capsys)
+    assert (
+        "qlustar: /usr/sbin/postconf not on this node: "
+        "/usr/sbin/postconf -e 'relayhost=[head]' not run"
+    ) in out
+    assert "qlustar: action command postfix relay host [head] skipped" in out
+    assert "qlustar: action command /usr/bin/present done" in out
+    assert "qlustar: action command /usr/bin/true done" in out
+    assert not any("WARNING" in line for line in out)
+    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (0 failed), 0 scripts (0 failed)"
+    assert "/usr/sbin/postconf not on this node" in runner_log()
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (PAM_SSHD, PAM_SSHD + PAM_LINE + "\n"),
+        # No final newline: one is added before the line.
+        (PAM_SSHD.rstrip("\n"), PAM_SSHD + PAM_LINE + "\n"),
+        ("", PAM_LINE + "\n"),
+        # Only exactly the line counts as present.
+        (
+            f"#{PAM_LINE}\n{PAM_LINE} debug\n {PAM_LINE}\naccount required pam_slurm_adopt.so\n",
+            f"#{PAM_LINE}\n{PAM_LINE} debug\n {PAM_LINE}\naccount required pam_slurm_adopt.so\n"
+            f"{PAM_LINE}\n",
+        ),
+    ],
+    ids=["appended", "no-final-newline", "empty", "similar-lines"],
+)
+def test_ensure_line_appends_atomically(
+    before: str,
+    after: str,
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    nodefs.create_file("/etc/pam.d/sshd", st_mode=stat.S_IFREG | 0o640, contents=before)
+    with as_root():
+        os.chown("/etc/pam.d/sshd", 0, 42)
+    head.publish(make_bundle(actions=[ENSURE_LINE]))
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = noderunner.os.fsync, noderunner.os.replace
+
+    def spy_fsync(fd: int) -> None:
+        events.append(("fsync",))
+        real_fsync(fd)
+
+    def spy_replace(src: str, dst: str) -> None:
+        # The complete new file, with the old one's mode and owner, beside the old one.
+        assert os.path.dirname(src) == os.path.dirname(dst) == "/etc/pam.d"
+        assert Path(dst).read_text() == before
+        assert Path(src).read_text() == after
+        st = os.stat(src)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, 42)
+        events.append(("replace", dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(noderunner.os, "fsync", spy_fsync)
+    monkeypatch.setattr(noderunner.os, "replace", spy_replace)
+
+    with as_root():  # as on the node: only root may read this file
+        assert run_node(head, commands) == EXIT_OK
+
+    assert events == [("fsync",), ("replace", "/etc/pam.d/sshd")]
+    assert node_read("/etc/pam.d/sshd") == after.encode()
+    assert node_mode("/etc/pam.d/sshd") == "0640"
+    assert node_owner("/etc/pam.d/sshd") == (0, 42)
+    assert os.listdir("/etc/pam.d") == ["sshd"]  # no temporary file left
+    out = console_lines(capsys)
+    assert "qlustar: action ensure-line /etc/pam.d/sshd done" in out
+    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (0 failed), 0 scripts (0 failed)"
+    assert f"added the line {PAM_LINE!r} to /etc/pam.d/sshd" in runner_log()
+
+
+@pytest.mark.parametrize("content", [f"{PAM_SSHD}{PAM_LINE}\n", f"{PAM_LINE}\n{PAM_SSHD}"[:-1]])
+def test_ensure_line_leaves_a_file_with_the_line_alone(
+    content: str,
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    nodefs.create_file("/etc/pam.d/sshd", contents=content)
+    head.publish(make_bundle(actions=[ENSURE_LINE]))
+    replaced: list[str] = []
+    monkeypatch.setattr(noderunner.os, "replace", lambda src, dst: replaced.append(dst))
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert replaced == []
+    assert node_read("/etc/pam.d/sshd") == content.encode()
+    assert "qlustar: action ensure-line /etc/pam.d/sshd done" in console_lines(capsys)
+    assert f"/etc/pam.d/sshd already has the line {PAM_LINE!r}" in runner_log()
+
+
+def test_ensure_line_on_a_missing_file_warns_and_skips(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodefs.create_dir("/etc/pam.d")
+    nodefs.create_symlink("/etc/pam.d/login", "/etc/pam.d/missing")  # dangling
+    head.publish(
+        make_bundle(
+            actions=[
+                ENSURE_LINE,
+                {**ENSURE_LINE, "path": "/etc/pam.d/login"},
+                {**ENSURE_LINE, "path": "/etc/nothere/sshd"},
+                {"kind": "command", "argv": ["/usr/bin/true"]},
+            ]
+        )
+    )
+
+    assert run_node(head, commands) == EXIT_OK
+
+    with as_root():
+        assert os.listdir("/etc/pam.d") == ["login"]
+        assert not os.path.lexists("/etc/nothere")
+    assert commands.calls == [["/usr/bin/true"]]
+    out = console_lines(capsys)
+    for path in ("/etc/pam.d/sshd", "/etc/pam.d/login", "/etc/nothere/sshd"):
+        assert f"qlustar: WARNING: {path} does not exist: line {PAM_LINE!r} not added" in out
+        assert f"qlustar: action ensure-line {path} skipped" in out
+    assert out[-1] == "qlustar: runner done: 0 files, 4 actions (0 failed), 0 scripts (0 failed)"
+    assert "WARNING: /etc/pam.d/sshd does not exist" in runner_log()
+
+
+def test_ensure_line_follows_a_symlink(
+    nodefs: FakeFilesystem, head: Head, commands: Commands
+) -> None:
+    nodefs.create_file("/usr/share/pam/sshd", st_mode=stat.S_IFREG | 0o600, contents=PAM_SSHD)
+    nodefs.create_symlink("/etc/pam.d/sshd", "../../usr/share/pam/sshd")
+    head.publish(make_bundle(actions=[ENSURE_LINE]))
+
+    assert run_node(head, commands) == EXIT_OK
+
+    with as_root():
+        assert os.readlink("/etc/pam.d/sshd") == "../../usr/share/pam/sshd"
+    assert node_read("/usr/share/pam/sshd") == f"{PAM_SSHD}{PAM_LINE}\n".encode()
+    assert node_mode("/usr/share/pam/sshd") == "0600"
+
+
+def test_ensure_line_on_a_directory_fails(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodefs.create_dir("/etc/pam.d/sshd")
+    head.publish(make_bundle(actions=[ENSURE_LINE]))
+
+    assert run_node(head, commands) == EXIT_OK
+
+    out = console_lines(capsys)
+    assert "qlustar: action ensure-line /etc/pam.d/sshd FAILED" in out
+    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (1 failed), 0 scripts (0 failed)"
+    assert "/etc/pam.d/sshd is not a regular file" in runner_log()
+
+
+# --------------------------------------------------------------------------------------
+# Bundles from the real renderer (qlimage.bundle)
+
+# beo-08: IPMI on a network without gateway, pam_slurm and mail; beo-01 (see test_bundle.py)
+# has them too (with a gateway) plus rootfs files, directories, symlinks and an init.d script.
+RENDERED_HOSTS = """
+[[hosts]]
+name = "beo-08"
+mac = "52:54:00:12:34:5d"
+image = "demo"
+networks.boot = "10.0.2.22"
+networks.ib = "10.10.3.4"
+[hosts.options]
+ipmi = { network = "ib" }
+pam_slurm = true
+mail = { relayhost = "[head]" }
+"""
+
+
+@pytest.mark.parametrize("node", ["beo-01", "beo-08"])
+def test_bundle_from_the_renderer_is_applied(
+    node: str,
+    tmp_path: Path,
+    head: Head,
+    commands: Commands,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    site = load_site(make_site(tmp_path / "site", extra_hosts=RENDERED_HOSTS))
+    rendered = qb.render_bundle(site, site.host(node))
+    data = qb.bundle_json(rendered)
+    kinds = [a["kind"] for a in rendered.actions]
+    assert kinds == ["hostname", "ipmi", "command", "ensure-line"]
+    ipmi = rendered.actions[1]
+    assert (ipmi["gateway"] == "") == (node == "beo-08")
+
+    parsed = noderunner.parse_bundle(data, "0" * 64)
+    assert [type(a).__name__ for a in parsed.actions] == [
+        "HostnameAction", "IpmiAction", "CommandAction", "EnsureLineAction"
+    ]  # fmt: skip
+    assert parsed.actions[1] == noderunner.IpmiAction(
+        ipmi["address"], ipmi["netmask"], ipmi["gateway"], ipmi["channel"]
+    )
+    assert parsed.actions[2] == noderunner.CommandAction(
+        tuple(rendered.actions[2]["argv"]),
+        rendered.actions[2]["description"],
+        "/usr/sbin/postconf",
+    )
+    assert parsed.actions[3] == noderunner.EnsureLineAction("/etc/pam.d/sshd", PAM_LINE)
+
+    with fake_node() as fs:
+        executable(fs, "/usr/bin/ipmitool")
+        executable(fs, "/bin/hostname")
+        if node == "beo-01":  # beo-08's image has no postfix
+            executable(fs, "/usr/sbin/postconf")
+        fs.create_file("/etc/pam.d/sshd", contents=PAM_SSHD)
+        head.publish(data)
+
+        # As root, as on the node: beo-01's bundle makes /etc root's (0755) before the
+        # actions write /etc/hostname.
+        with as_root():
+            assert run_node(head, commands) == EXIT_OK
+
+        assert node_read("/etc/pam.d/sshd") == f"{PAM_SSHD}{PAM_LINE}\n".encode()
+        for f in rendered.files:
+            if f.type == "symlink":
+                with as_root():
+                    assert os.readlink(f.path) == f.target
+            else:
+                assert node_mode(f.path) == f"{f.mode:04o}", f.path
+                if f.type == "file":
+                    assert node_read(f.path) == f.content, f.path
+            assert node_owner(f.path) == (f.uid, f.gid), f.path
+        assert node_read("/etc/hostname") == f"{node}\n".encode()
+
+    lan = ["ipmitool", "lan", "set", "1"]
+    expected = [
+        ["hostname", node],
+        [*lan, "ipsrc", "static"],
+        [*lan, "ipaddr", ipmi["address"]],
+        [*lan, "netmask", ipmi["netmask"]],
+    ]
+    if node == "beo-01":
+        expected += [
+            [*lan, "defgw", "ipaddr", "10.1.0.1"],
+            ["/usr/sbin/postconf", "-e", "relayhost=[smtp2.example.org]:587"],
+            ["/lib/qlustar/init.d/50-nvidia"],
+        ]
+    assert commands.calls == expected
+    out = console_lines(capsys)
+    assert "qlustar: action ensure-line /etc/pam.d/sshd done" in out
+    mail = "done" if node == "beo-01" else "skipped"
+    assert f"qlustar: action command {rendered.actions[2]['description']} {mail}" in out
+    n_files, n_scripts = len(rendered.files), int(node == "beo-01")
+    assert out[-1] == (
+        f"qlustar: runner done: {n_files} files, 4 actions (0 failed), "
+        f"{n_scripts} scripts (0 failed)"
+    )
 
 
 # --------------------------------------------------------------------------------------
