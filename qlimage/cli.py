@@ -167,14 +167,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("node")
     s.add_argument("--previous", metavar="BUNDLE", help="a previous bundle.json to diff against")
     s.set_defaults(func=cmd_preview)
-    from qlimage import apthook
+    from qlimage import apthook, repro
 
     apthook.register(sub)
+    repro.register(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if hasattr(args, "doit_args"):
+        # Options meant for doit (`qlimage build -a stage:demo`) pass through untouched.
+        args.doit_args = [a for a in [*extra, *args.doit_args] if a != "--"]
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         site = load_site(args.site)
         status = args.func(site, args)

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -292,8 +292,10 @@ def report(comparison: Comparison, *, diffoscope: bool, out: Out, indent: str = 
         out(f"same: {label} {what}")
     for diff in comparison.differences:
         out(diff.line())
-    if diffoscope and comparison.differences:
-        content = [d for d in comparison.differences if d.content]
+    content = [d for d in comparison.differences if d.content]
+    if diffoscope and content and shutil.which("diffoscope") is None:
+        out("diffoscope: not installed, no details (apt-get install diffoscope-minimal)")
+    elif diffoscope and content:
         for i, diff in enumerate(content):
             assert diff.a is not None and diff.b is not None
             if i == DIFFOSCOPE_MAX_FILES:
@@ -584,7 +586,11 @@ def repro_check(
         roots = output_roots(copies["a"])
         comparison = compare_trees(copies["a"].paths.root, copies["b"].paths.root, roots)
         report(comparison, diffoscope=diffoscope, out=out)
-        return 0 if comparison.identical else 1
+        if comparison.identical:
+            return 0
+        if not keep:
+            out("repro-check: run it with --keep to keep both trees for a closer look")
+        return 1
     finally:
         if keep:
             out(f"repro-check: kept {tmp} (a/, b/, build-a.log, build-b.log)")
@@ -619,13 +625,3 @@ def register(subparsers: SubParsers) -> None:
         help="show diffoscope's report for each differing file (default: when installed)",
     )
     s.set_defaults(func=cmd_repro_check)
-
-
-__all__: Sequence[str] = [
-    "Comparison",
-    "Difference",
-    "compare_trees",
-    "copy_inputs",
-    "register",
-    "repro_check",
-]

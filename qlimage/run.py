@@ -48,6 +48,7 @@ def run(
     *,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
+    unset: Sequence[str] = (),
     input: bytes | None = None,
     capture: bool = False,
     check: bool = True,
@@ -58,6 +59,8 @@ def run(
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
+    for name in unset:
+        full_env.pop(name, None)
     proc = subprocess.run(
         argv,
         cwd=cwd,

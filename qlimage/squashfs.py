@@ -56,5 +56,8 @@ def make_squashfs(
                 tree, tmp, compressor=compressor, level=level, block_size=block_size, epoch=epoch
             ),
             capture=True,
+            # mksquashfs refuses SOURCE_DATE_EPOCH together with -mkfs-time/-all-time, which
+            # already carry the site's epoch.
+            unset=["SOURCE_DATE_EPOCH"],
         )
         os.chmod(tmp, 0o644)

@@ -47,10 +47,14 @@ DEP_FILE = ".doit.db"
 
 
 def doit_config(site: Site) -> dict[str, Any]:
+    # Outputs are served to nodes by TFTP and HTTP servers running as other users: whatever the
+    # admin's umask, what the build creates is world-readable unless it sets a tighter mode itself
+    # (secrets do). This also keeps the umask out of the bytes of every archive we make.
+    os.umask(0o022)
     site.paths.bootfiles.mkdir(parents=True, exist_ok=True)
     return {
         "dep_file": str(site.paths.bootfiles / DEP_FILE),
-        "backend": "sqlite3",
+        "backend": "json",
         "verbosity": 1,
         "default_tasks": None,
     }

@@ -94,12 +94,18 @@ def test_comparer_names_a_differing_file(tmp_path: Path) -> None:
     text = "\n".join(out)
     assert "same: out/gen/current/image.img (sha256 " in text
     assert out[-1] == "different: 7 path(s) differ, 3 files are identical"
-    # diffoscope runs on content differences only: once, for changed.txt.
-    assert [line for line in out if line.startswith("diffoscope")] == (
-        ["diffoscope out/changed.txt:"] if shutil.which("diffoscope") else []
-    )
-    if shutil.which("diffoscope") is not None:
-        assert "-TWO" not in text and "+TWO" in text and "-two" in text, text
+    diffoscope = [line for line in out if line.startswith("diffoscope")]
+    if shutil.which("diffoscope") is None:
+        assert diffoscope == [
+            "diffoscope: not installed, no details (apt-get install diffoscope-minimal)"
+        ]
+    else:
+        # diffoscope runs on content differences only: once, for changed.txt, and its report
+        # (indented) follows.
+        assert diffoscope == ["diffoscope out/changed.txt:"]
+        details = out[out.index("diffoscope out/changed.txt:") + 1 : -1]
+        assert all(line.startswith("    ") for line in details), details
+        assert "    -two" in details and "    +TWO" in details, text
 
 
 def test_comparer_reports_identical_trees(tmp_path: Path) -> None:
