@@ -64,8 +64,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import jinja2
-
 from qlimage.errors import ConfigError, QlimageError
 from qlimage.site import Host, Image, Network, Site
 from qlimage.trees import walk
@@ -133,20 +131,27 @@ class Bundle:
 # --------------------------------------------------------------------------------------------
 # Templates
 
-_env = jinja2.Environment(
-    loader=jinja2.PackageLoader("qlimage", "templates"),
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-    autoescape=False,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
-_env.filters["sh"] = lambda value: shlex.quote(str(value))
-_env.filters["unit"] = lambda value: str(value).replace("%", "%%")  # systemd specifiers
+
+@functools.cache
+def _environment() -> Any:
+    # Built on first render: a no-op build only fingerprints bundles, it renders none.
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("qlimage", "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["sh"] = lambda value: shlex.quote(str(value))
+    env.filters["unit"] = lambda value: str(value).replace("%", "%%")  # systemd specifiers
+    return env
 
 
 def _render(template: str, **context: Any) -> str:
-    return _env.get_template(f"node/{template}.j2").render(**context)
+    return str(_environment().get_template(f"node/{template}.j2").render(**context))
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,11 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from debian.debfile import DebFile
-
 from qlimage.atomic import TMP_PREFIX, atomic_path
 from qlimage.errors import BuildError
-from qlimage.mirror import open_archive
 from qlimage.run import run
 from qlimage.site import Site
 from qlimage.trees import file_digest
@@ -42,6 +39,8 @@ def kernel_deb(site: Site) -> Path:
     """
     if site.kernel_deb is not None:
         return site.kernel_deb
+    from qlimage.mirror import open_archive  # the archive client pulls in requests
+
     archive = open_archive(site)
     pkg = archive.package(site.kernel_package)
     if not REAL_KERNEL.match(pkg.name):
@@ -59,6 +58,8 @@ def kernel_deb(site: Site) -> Path:
 
 def unpack_kernel(deb: Path, dest: Path) -> Kernel:
     """Unpack `deb` into `dest` (replaced atomically) and describe it in kernel.json."""
+    from debian.debfile import DebFile
+
     control = DebFile(str(deb)).debcontrol()
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "unpack.", dir=dest.parent) as tmp:
         run(["dpkg-deb", "-x", deb, tmp])

@@ -8,13 +8,14 @@ contain dashes; the flavor is the last dash-separated part). The control fields
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import stat
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from debian.debfile import DebFile
 from debian.debian_support import Version
 
 from qlimage.errors import QlimageError
@@ -100,8 +101,38 @@ def read_control(path: Path) -> dict[str, str]:
     return dict(cached)
 
 
+def load_control_cache(path: Path) -> None:
+    """Seed the control cache from a file written by save_control_cache (a no-op build then
+    reads no .deb at all); an unreadable file is ignored."""
+    try:
+        entries = json.loads(path.read_text())
+        for name, size, mtime_ns, control in entries:
+            _control_cache.setdefault((name, size, mtime_ns), control)
+    except (OSError, ValueError, TypeError):
+        pass
+
+
+def save_control_cache(path: Path) -> None:
+    entries = sorted(
+        [name, size, mtime, control]
+        for (name, size, mtime), control in _control_cache.items()
+        if Path(name).exists()
+    )
+    text = json.dumps(entries, sort_keys=True)
+    try:
+        if path.exists() and path.read_text() == text:
+            return
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # only a speed-up
+
+
 def parse_control(path: Path) -> dict[str, str]:
     try:
+        from debian.debfile import DebFile  # slow to import; only when a .deb is read
+
         with DebFile(path) as deb:
             control = dict(deb.debcontrol())
     except Exception as exc:  # python-debian raises anything from ArError to zlib.error
@@ -265,6 +296,8 @@ def module_files(path: Path) -> list[tuple[str, int, str]]:
     """
     path = Path(path)
     try:
+        from debian.debfile import DebFile  # slow to import; only when a .deb is read
+
         with DebFile(path) as deb:
             tar = deb.data.tgz()
             entries = [file_entry(tar, member) for member in tar]
@@ -323,6 +356,8 @@ def module_changelog(path: Path) -> str | None:
     """The Debian changelog the module ships (usr/share/doc/<package>/), or None."""
     path = Path(path)
     try:
+        from debian.debfile import DebFile  # slow to import; only when a .deb is read
+
         with DebFile(path) as deb:
             changelog = deb.changelog()
     except Exception as exc:  # see parse_control

@@ -25,6 +25,7 @@ CURRENT = "current"
 HISTORY = "history"
 GENERATION = "generation"
 LOCK = ".build.lock"
+RUNNING = ".build.running"
 
 
 def history(root: Path) -> list[str]:
@@ -111,15 +112,22 @@ def remove_stale(root: Path) -> list[Path]:
     if not root.is_dir():
         return stale
     for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        depth = len(here.relative_to(root).parts)
         for d in list(dirnames):
             if d.startswith(TMP_PREFIX):
-                path = Path(dirpath) / d
-                shutil.rmtree(path, ignore_errors=True)
-                stale.append(path)
+                shutil.rmtree(here / d, ignore_errors=True)
+                stale.append(here / d)
                 dirnames.remove(d)
-            elif d in ("cache", "kernel") and Path(dirpath) == root:
-                dirnames.remove(d)  # large trees with no temporaries of their own inside
+            elif depth >= SCAN_DEPTH or (depth, d) in SKIP or here.name == "stage":
+                # Temporaries live beside their target, at most three levels down; staged
+                # trees, generations and caches hold none of their own and are large.
+                dirnames.remove(d)
     return stale
+
+
+SCAN_DEPTH = 3
+SKIP = {(0, "kernel")}
 
 
 @contextlib.contextmanager
@@ -135,7 +143,13 @@ def build_lock(bootfiles: Path, *, wait: bool = True) -> Iterator[None]:
                 f"{bootfiles}: another build of this site is running",
                 hint="wait for it, or run without --no-wait to queue behind it",
             ) from None
-        remove_stale(bootfiles)
+        # The marker outlives a killed build: only then is there anything to clean up, and the
+        # scan (thousands of node directories) is skipped on every clean run.
+        running = bootfiles / RUNNING
+        if running.exists():
+            remove_stale(bootfiles)
+        running.touch()
         yield
+        running.unlink(missing_ok=True)
     finally:
         os.close(fd)

@@ -7,6 +7,7 @@ Like mkosi's config, nothing downstream re-reads or re-checks a site file: tasks
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -20,11 +21,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import jsonschema
-
 from qlimage.errors import ConfigError
 
 SITE_FILE = "site.toml"
+VALIDATION_CACHE = ".validated.json"
 DEFAULT_SOURCE_DATE_EPOCH = 1700000000
 DEFAULT_HTTP_PORT = 80
 # NICs commonly found in HPC nodes plus QEMU's, and what the initrd needs to mount the image.
@@ -204,7 +204,84 @@ def json_path(path: Any) -> str:
     return out or "."
 
 
+class ValidationCache:
+    """Remembers which files passed their schema, by (size, mtime, schema digest), and their
+    parsed data.
+
+    Parsing and validating a 1 000-node inventory costs more than everything else a no-op
+    build does, so a file unchanged since it last validated is neither parsed nor validated
+    again (the cross-file checks, which are cheap, always run). Kept beside the outputs,
+    rewritten only when it changed; a missing or unreadable cache means everything is validated.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, list[Any]] = {}
+        self.changed = False
+        if path is not None:
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    @staticmethod
+    def key(file: Path, schema_name: str) -> list[Any]:
+        st = file.stat()
+        digest = hashlib.sha256(json.dumps(schema(schema_name)).encode()).hexdigest()[:16]
+        return [st.st_size, st.st_mtime_ns, schema_name, digest]
+
+    def check(self, data: Any, schema_name: str, where: str, file: Path) -> list[str]:
+        try:
+            key = self.key(file, schema_name)
+        except OSError:
+            return validate(data, schema_name, where)
+        if self.entries.get(str(file)) == key:
+            return []
+        errors = validate(data, schema_name, where)
+        if not errors:
+            self.entries[str(file)] = key
+            self.changed = True
+        return errors
+
+    def read(
+        self, file: Path, schema_name: str, where: str, problems: list[str]
+    ) -> dict[str, Any] | None:
+        """The file's data if it is valid (from the cache when unchanged), else None with its
+        problems appended. Valid data holds only JSON types (the schemas allow no dates)."""
+        try:
+            key = self.key(file, schema_name)
+        except OSError as e:
+            problems.append(f"{where}: cannot read: {e.strerror}")
+            return None
+        hit = self.entries.get(str(file))
+        if isinstance(hit, list) and len(hit) == 2 and hit[0] == key:
+            return hit[1]
+        raw = read_toml(file, problems, where)
+        if raw is None:
+            return None
+        errors = validate(raw, schema_name, where)
+        if errors:
+            problems += errors
+            return None
+        self.entries[str(file)] = [key, raw]
+        self.changed = True
+        return raw
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # only a speed-up
+
+
 def validate(data: Any, schema_name: str, where: str) -> list[str]:
+    import jsonschema  # only when a file really needs validating: the import is slow
+
     validator = jsonschema.Draft202012Validator(
         schema(schema_name), format_checker=jsonschema.FormatChecker()
     )
@@ -212,7 +289,7 @@ def validate(data: Any, schema_name: str, where: str) -> list[str]:
     return [f"{where}: {json_path(e.absolute_path)}: {brief(e)}" for e in errors]
 
 
-def brief(error: jsonschema.ValidationError) -> str:
+def brief(error: Any) -> str:
     # oneOf failures are unreadable by default; say what the alternatives were instead.
     if error.validator == "oneOf":
         return f"{error.instance!r} is not a valid address (expected an IPv4 string or a table)"
@@ -247,20 +324,30 @@ def load_site(root: Path | str = ".") -> Site:
     if not site_path.exists():
         raise ConfigError([f"{site_path}: no site settings file (is {root} a qlimage site?)"])
     raw = read_toml(site_path, problems, SITE_FILE) or {}
-    problems += validate(raw, "site", SITE_FILE)
+    bootfiles = (
+        raw.get("paths", {}).get("bootfiles", "bootfiles")
+        if isinstance(raw.get("paths"), dict)
+        else "bootfiles"
+    )
+    checked = ValidationCache(
+        (root / os.path.expanduser(bootfiles) / VALIDATION_CACHE)
+        if isinstance(bootfiles, str)
+        else None
+    )
+    problems += checked.check(raw, "site", SITE_FILE, site_path)
     if problems:
         raise ConfigError(problems)
 
     paths = make_paths(root, raw.get("paths", {}))
     networks = make_networks(raw["networks"], problems)
-    images = load_images(paths, problems)
+    images = load_images(paths, problems, checked)
     bootconfigs = make_bootconfigs(raw.get("bootconfigs", {}), images, problems)
     boot = raw.get("boot", {})
     default = boot.get("default")
     if default is not None and default not in bootconfigs:
         problems.append(f"{SITE_FILE}: .boot.default: unknown boot config {default!r}")
-    hosts = load_hosts(paths, networks, images, bootconfigs, problems)
-    recipes = load_recipes(paths, problems)
+    hosts = load_hosts(paths, networks, images, bootconfigs, problems, checked)
+    recipes = load_recipes(paths, problems, checked)
     for bc in bootconfigs.values():
         if bc.image not in images:
             problems.append(
@@ -269,6 +356,7 @@ def load_site(root: Path | str = ".") -> Site:
             )
     if problems:
         raise ConfigError(problems)
+    checked.save()
 
     # Hosts that name only an image boot through an implicit boot config of that name.
     all_bootconfigs = dict(bootconfigs)
@@ -367,16 +455,12 @@ def toml_files(directory: Path) -> Iterator[Path]:
         yield from sorted(p for p in directory.iterdir() if p.suffix == ".toml" and p.is_file())
 
 
-def load_images(paths: Paths, problems: list[str]) -> dict[str, Image]:
+def load_images(paths: Paths, problems: list[str], checked: ValidationCache) -> dict[str, Image]:
     images: dict[str, Image] = {}
     for path in toml_files(paths.images):
         where = rel(path, paths.root)
-        raw = read_toml(path, problems, where)
+        raw = checked.read(path, "image", where, problems)
         if raw is None:
-            continue
-        errors = validate(raw, "image", where)
-        if errors:
-            problems += errors
             continue
         name = raw["name"]
         if name in images:
@@ -422,6 +506,7 @@ def load_hosts(
     images: Mapping[str, Image],
     bootconfigs: Mapping[str, BootConfig],
     problems: list[str],
+    checked: ValidationCache,
 ) -> list[Host]:
     hosts: list[Host] = []
     seen: dict[tuple[str, str], str] = {}  # (kind, value) -> "file: path" that claimed it first
@@ -436,12 +521,8 @@ def load_hosts(
     files: list[tuple[str, dict[str, Any]]] = []
     for path in toml_files(paths.nodes):
         where = rel(path, paths.root)
-        raw = read_toml(path, problems, where)
+        raw = checked.read(path, "nodes", where, problems)
         if raw is None:
-            continue
-        errors = validate(raw, "nodes", where)
-        if errors:
-            problems += errors
             continue
         files.append((where, raw))
     optionsets, groups = collect_named(files, problems)
@@ -635,17 +716,13 @@ def host_bootconfig(
     return str(image)
 
 
-def load_recipes(paths: Paths, problems: list[str]) -> list[Recipe]:
+def load_recipes(paths: Paths, problems: list[str], checked: ValidationCache) -> list[Recipe]:
     recipes: list[Recipe] = []
     seen: dict[str, str] = {}
     for path in sorted(paths.modules.glob("*/recipe.toml")):
         where = rel(path, paths.root)
-        raw = read_toml(path, problems, where)
+        raw = checked.read(path, "recipe", where, problems)
         if raw is None:
-            continue
-        errors = validate(raw, "recipe", where)
-        if errors:
-            problems += errors
             continue
         recipe = Recipe(
             raw["module"],

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,14 +37,19 @@ from qlimage import (
 )
 from qlimage.atomic import TMP_PREFIX, write_bytes, write_text
 from qlimage.errors import QlimageError
-from qlimage.mirror import fetch_package
-from qlimage.pool import ModulePackage, resolve, scan_pool
+from qlimage.pool import (
+    ModulePackage,
+    load_control_cache,
+    resolve,
+    save_control_cache,
+    scan_pool,
+)
 from qlimage.run import run
 from qlimage.site import Host, Image, Site
 from qlimage.trees import file_digest, manifest
 
 Task = dict[str, Any]
-DEP_FILE = ".doit.db"
+DEP_FILE = ".doit-state.json"
 
 
 def doit_config(site: Site) -> dict[str, Any]:
@@ -52,12 +58,29 @@ def doit_config(site: Site) -> dict[str, Any]:
     # (secrets do). This also keeps the umask out of the bytes of every archive we make.
     os.umask(0o022)
     site.paths.bootfiles.mkdir(parents=True, exist_ok=True)
+    repair_state(site.paths.bootfiles / DEP_FILE)
     return {
         "dep_file": str(site.paths.bootfiles / DEP_FILE),
         "backend": "json",
         "verbosity": 1,
         "default_tasks": None,
     }
+
+
+def repair_state(path: Path) -> None:
+    """doit writes its JSON state in place, so a build killed at that moment leaves it torn.
+    Set such a file aside instead of failing: every task then checks its targets again, and
+    content-addressed generations make the rebuild publish nothing new."""
+    try:
+        json.loads(path.read_bytes())
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        os.replace(path, path.with_name(path.name + ".torn"))
+        print(
+            f"qlimage: {path} was torn by an interrupted build; rebuilding from the outputs",
+            file=sys.stderr,
+        )
 
 
 class Layout:
@@ -123,7 +146,11 @@ def sync_manifest(tree: Path, output: Path) -> Path:
 
 def module_pool(site: Site) -> list[ModulePackage]:
     """The pool's .debs plus the ones recipes will build (known by name and version already)."""
+    cache = site.paths.bootfiles / ".pool-control.json"
+    load_control_cache(cache)
     pool = {m.path: m for m in scan_pool(site.paths.pool)}
+    if site.paths.bootfiles.is_dir():
+        save_control_cache(cache)
     for r in site.recipes:
         path = recipes.recipe_output(site, r)
         pool.setdefault(path, ModulePackage(r.package, r.module, r.flavor, r.version, path))
@@ -212,6 +239,8 @@ def task_initrd(site: Site) -> Task:
 
     def build(gen: Path) -> list[Path]:
         k = kernel.read_kernel(layout.kernel_dir)
+        from qlimage.mirror import fetch_package
+
         busybox_deb = fetch_package(site, "busybox-static")
         with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=layout.bootfiles) as tmp:
             run(["dpkg-deb", "-x", busybox_deb, tmp])
