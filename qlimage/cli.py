@@ -58,7 +58,9 @@ def cmd_validate(site: Site, args: argparse.Namespace) -> int:
 
 def cmd_build(site: Site, args: argparse.Namespace) -> int:
     from qlimage.publish import build_lock
+    from qlimage.tasks import plan
 
+    plan(site)  # an image that cannot be resolved fails before anything is created
     with build_lock(site.paths.bootfiles, wait=not args.no_wait):
         return run_doit(site, ["run", *args.doit_args])
 

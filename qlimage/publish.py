@@ -149,7 +149,9 @@ def build_lock(bootfiles: Path, *, wait: bool = True) -> Iterator[None]:
         if running.exists():
             remove_stale(bootfiles)
         running.touch()
-        yield
-        running.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            running.unlink(missing_ok=True)  # not reached when the build is killed
     finally:
         os.close(fd)

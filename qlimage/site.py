@@ -268,10 +268,11 @@ class ValidationCache:
         return raw
 
     def save(self) -> None:
-        if self.path is None or not self.changed:
+        # Never the first thing written for a site: a check of a site that was not built yet
+        # leaves no trace.
+        if self.path is None or not self.changed or not self.path.parent.is_dir():
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.entries, sort_keys=True))
             os.replace(tmp, self.path)
