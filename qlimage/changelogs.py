@@ -19,6 +19,7 @@ from pathlib import Path
 
 from debian.debian_support import Version
 
+from qlimage.atomic import write_text
 from qlimage.pool import ModulePackage, module_changelog
 from qlimage.recipes import PACKAGES_LIST
 from qlimage.trees import manifest
@@ -33,15 +34,25 @@ class ModuleState:
     version: str
     files: str  # trees.manifest of the module's tree
     packages: str  # "name version" lines
+    changelog: str = ""  # the module's Debian changelog (not kept in a generation's state)
 
 
 def module_state(module: ModulePackage, tree: Path) -> ModuleState:
+    """What the changelogs need of an unpacked module. The file list and the changelog are
+    computed once per unpacked module version and kept beside its tree (see stage.py)."""
     packages = tree / PACKAGES_LIST.format(module=module.module)
+    files = tree.with_name(tree.name + ".files")
+    if not files.exists():
+        write_text(files, manifest(tree))
+    changelog = tree.with_name(tree.name + ".changelog")
+    if not changelog.exists():
+        write_text(changelog, module_changelog(module.path) or "")
     return ModuleState(
         module.module,
         module.version,
-        manifest(tree),
+        files.read_text(),
         packages.read_text() if packages.exists() else "",
+        changelog.read_text(),
     )
 
 
@@ -138,7 +149,7 @@ def render(
         cur = states[m.module]
         prev = previous.get(m.module)
         if m.module == "core":
-            text = module_changelog(m.path) or "the core module ships no changelog\n"
+            text = cur.changelog or "the core module ships no changelog\n"
             out["core.changelog.gz"] = gz(text if text.endswith("\n") else text + "\n")
         out[f"{m.module}.packages.version.gz"] = gz(
             cur.packages or f"{m.module} module {m.version} lists no Debian packages\n"

@@ -48,6 +48,8 @@ def unpack_module(site: Site, module: ModulePackage) -> Path:
     with atomic_path(tree, directory=True) as work:
         run(["dpkg-deb", "-x", module.path, work])
         os.chmod(work, 0o755)
+    for derived in (".files", ".changelog"):  # computed from the old tree: recompute
+        tree.with_name(tree.name + derived).unlink(missing_ok=True)
     write_text(stamp, deb_stamp(module.path))
     return tree
 
@@ -116,4 +118,7 @@ def state_dir(dest: Path) -> Path:
 
 
 def write_manifest(tree: Path, output: Path) -> None:
-    write_text(output, manifest(tree))
+    """The stage as doit sees it. Sizes and mtimes, not digests: the staged files are hard
+    links into the module cache or fresh copies, so any content change shows in them, and
+    hashing the whole tree on every stage would cost as much as packing it."""
+    write_text(output, manifest(tree, content=False))

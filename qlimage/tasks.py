@@ -334,7 +334,8 @@ def task_images(site: Site, resolved_modules: dict[str, list[ModulePackage]]) ->
                 shutil.copytree(
                     stage.state_dir(layout.stage(image.name)), gen / changelogs.STATE_DIR
                 )
-                return [img, gen / "modules.json"]
+                # Named by the checksum file, not the image: the image is hashed once.
+                return [img.with_name(img.name + ".sha256"), gen / "modules.json"]
 
             publish.publish(layout.image_root(image.name), build, site.keep_generations)
 
