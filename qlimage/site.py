@@ -394,7 +394,7 @@ def load_site(root: Path | str = ".") -> Site:
         kernel_deb=(root / kernel["deb"]) if "deb" in kernel else None,
         initrd_modules=tuple(raw.get("initrd", {}).get("modules", DEFAULT_INITRD_MODULES)),
         squashfs_compressor=squashfs.get("compressor", "zstd"),
-        squashfs_level=squashfs.get("level"),
+        squashfs_level=squashfs.get("level", default_level(squashfs.get("compressor", "zstd"))),
         squashfs_block_size=squashfs.get("block_size", 131072),
         networks=MappingProxyType(networks),
         images=MappingProxyType(images),
@@ -406,6 +406,16 @@ def load_site(root: Path | str = ".") -> Site:
         hosts=tuple(sorted(hosts, key=lambda h: h.name)),
         recipes=tuple(recipes),
     )
+
+
+def default_level(compressor: str) -> int | None:
+    """zstd 15 unless the site says otherwise. Measured on a 720 MB tree (bench_pipeline.py):
+    zstd 3 packs in 9.8 s to 42.7 %, zstd 15 in 35 s to 38.8 %, gzip in 25 s to 41.3 %, xz in
+    63 s to 36.8 %. The image stays in every node's RAM for its whole uptime and goes out by
+    multicast, so its size matters more than a build that runs after module upgrades; zstd
+    decompresses several times faster than xz on the node. Other compressors keep
+    mksquashfs' own default."""
+    return 15 if compressor == "zstd" else None
 
 
 def make_paths(root: Path, raw: Mapping[str, str]) -> Paths:
