@@ -167,11 +167,16 @@ class Plan:
 
     site: Site
     modules: dict[str, list[ModulePackage]]  # image name -> resolved modules, in image order
+    rootpw: dict[str, str]  # image name -> digest of its root password hash
 
 
 def plan(site: Site) -> Plan:
     pool = module_pool(site)
-    return Plan(site, {name: resolve_image(site, img, pool) for name, img in site.images.items()})
+    return Plan(
+        site,
+        {name: resolve_image(site, img, pool) for name, img in site.images.items()},
+        {name: rootpw.root_hash_digest(site, img) for name, img in site.images.items()},
+    )
 
 
 def guarded(action: Callable[..., Any]) -> Callable[..., Any]:
@@ -281,12 +286,12 @@ def overlay_manifests(site: Site, image: Image) -> list[Path]:
     ]
 
 
-def task_images(site: Site, resolved_modules: dict[str, list[ModulePackage]]) -> Iterator[Task]:
+def task_images(site: Site, p: Plan) -> Iterator[Task]:
     layout = Layout(site)
     yield group("stage", "staged root tree per image: modules, overlays, runner, root password")
     yield group("squashfs", "publish a squashfs generation per image, with sha256 and changelogs")
     for image in site.images.values():
-        modules = resolved_modules[image.name]
+        modules = p.modules[image.name]
         resolved = stage.resolved_modules_json(image, modules)
         stage_manifest = layout.stage_manifest(image.name)
 
@@ -309,7 +314,7 @@ def task_images(site: Site, resolved_modules: dict[str, list[ModulePackage]]) ->
                 config_changed(
                     {
                         "modules": resolved,
-                        "rootpw": rootpw.root_hash_digest(site, image),
+                        "rootpw": p.rootpw[image.name],
                         "runner": hashlib.sha256(stage.runner_source()).hexdigest(),
                     }
                 )
@@ -452,7 +457,7 @@ def site_tasks(site: Site) -> dict[str, Any]:
         "module": lambda: task_modules(site),
         "kernel": lambda: task_kernel(site),
         "initrd": lambda: task_initrd(site),
-        "images": lambda: task_images(site, p.modules),
+        "images": lambda: task_images(site, p),
         "pxelinux": lambda: task_pxelinux(site),
         "bundle": lambda: task_bundles(site),
         "tftpboot": lambda: task_tftpboot(site),
