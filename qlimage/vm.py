@@ -128,6 +128,7 @@ def boot(
     failure: Iterable[str] = FAILURE,
     overrides: Mapping[str, Path] | None = None,
     on_line: Callable[[str], None] | None = None,
+    settle: float = 1.0,
 ) -> BootResult:
     """Boot `node` and watch its console until every success pattern appeared (ok), a failure
     pattern appeared, QEMU exited or `timeout` seconds passed."""
@@ -179,7 +180,7 @@ def boot(
             pending = [p for p in pending if not p.search(line)]
             if not pending:
                 result.ok, result.reason = True, "boot reached init.qlustar"
-                drain(lines, console, on_line, 1.0)
+                drain(lines, console, on_line, settle)
                 break
     finally:
         proc.kill()

@@ -70,3 +70,43 @@ def test_node_refuses_a_corrupted_image(built_site: Path, tmp_path: Path) -> Non
         f"{result.reason}\n{result.tail(60)}"
     )
     assert "init.qlustar started" not in log
+
+
+def test_early_shell_stops_the_boot_at_init_qlustar(built_site: Path) -> None:
+    site = load_site(built_site)
+    result = vm.boot(
+        site, "beo-03", timeout=240, success=[r"qlustar: early-shell requested"], settle=8.0
+    )
+    log = console_of(result)
+    assert result.ok, f"{result.reason}\n{result.tail(60)}"
+    assert "qlustar.pxecfg=rescue" in log and "early-shell" in log
+    # The shell waits on the console: nothing after init.qlustar's first step runs.
+    assert "qlustar: runner started" not in log
+    assert "qlustar: handing over" not in log
+
+
+def test_unverifiable_bundle_leaves_node_unconfigured_but_usable(
+    built_site: Path, tmp_path: Path
+) -> None:
+    site = load_site(built_site)
+    host = site.host("beo-01")
+    good = Layout(site).bundle(host)
+    bad = tmp_path / "bundle.json"
+    bad.write_bytes(good.read_bytes().replace(b"beo-01", b"beo-66", 1))
+    result = vm.boot(
+        site,
+        "beo-01",
+        timeout=240,
+        overrides={f"qlustar/nodes/{host.mac.replace(':', '-')}/bundle.json": bad},
+        success=[
+            r"qlustar: ERROR: .*nothing written, node stays unconfigured",
+            r"qlustar: node is up",
+        ],
+        failure=[r"Kernel panic"],
+    )
+    log = console_of(result)
+    assert result.ok, f"{result.reason}\n{result.tail(60)}"
+    assert "checksum mismatch" in log[log.index("qlustar: ERROR") :].splitlines()[0]
+    assert "qlustar: bundle applied" not in log
+    assert "qlustar-test:" not in log  # no Root FS Customization script ran
+    assert "qlustar: handing over to /sbin/init" in log

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import urllib.error
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from email.message import Message
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -143,16 +143,24 @@ class Head:
 
 
 class Commands:
-    """Simulated command execution: records argv, answers from a table of statuses."""
+    """Simulated command execution: records argv (and standard input), answers from tables
+    of statuses and may simulate a command's effect on the node."""
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
+        self.inputs: list[str | None] = []  # per call: its standard input, if any
         self.status: dict[str, int] = {}  # basename of argv[0] -> exit status
+        self.argv_status: dict[str, int] = {}  # the whole command line -> status (first)
+        self.effects: dict[str, Callable[[list[str]], None]] = {}  # basename -> side effect
 
-    def __call__(self, argv: Sequence[str]) -> tuple[int, str]:
+    def __call__(self, argv: Sequence[str], input: str | None = None) -> tuple[int, str]:
         self.calls.append(list(argv))
+        self.inputs.append(input)
         name = os.path.basename(argv[0])
-        return self.status.get(name, 0), f"output of {name}\nsecond line of {name}\n"
+        if name in self.effects:
+            self.effects[name](list(argv))
+        status = self.argv_status.get(" ".join(argv), self.status.get(name, 0))
+        return status, f"output of {name}\nsecond line of {name}\n"
 
     def names(self) -> list[str]:
         return [os.path.basename(c[0]) for c in self.calls]
@@ -331,7 +339,7 @@ def test_applies_every_entry_type(
             [
                 dir_entry("/root/.ssh", "0700"),
                 file_entry("/root/.ssh/authorized_keys", "ssh-ed25519 AAAA admin\n", mode="0600"),
-                file_entry("/etc/qlustar/options.d/disk-config", "DISK_CONFIG=none\n"),
+                file_entry("/etc/qlustar/options.d/opensm", "OPENSM=no\n"),
                 file_entry("/usr/lib/blob.bin", base64.b64encode(blob).decode(), encoding="base64"),
                 file_entry("/etc/systemd/system/srv-data.mount", "[Mount]\n"),
                 link_entry(
@@ -350,7 +358,7 @@ def test_applies_every_entry_type(
     assert node_mode("/root/.ssh/authorized_keys") == "0600"
     assert stat.S_ISDIR(node_stat("/root/.ssh").st_mode)
     assert node_owner("/root/.ssh") == node_owner("/root/.ssh/authorized_keys") == (0, 0)
-    assert node_read("/etc/qlustar/options.d/disk-config") == b"DISK_CONFIG=none\n"
+    assert node_read("/etc/qlustar/options.d/opensm") == b"OPENSM=no\n"
     assert node_read("/usr/lib/blob.bin") == blob
     link = "/etc/systemd/system/remote-fs.target.wants/srv-data.mount"
     assert stat.S_ISLNK(node_stat(link).st_mode)
@@ -371,7 +379,7 @@ def test_applies_every_entry_type(
     out = console_lines(capsys)
     assert out[0] == (f"qlustar: runner started (node MAC 52:54:00:12:34:56, head {BASE})")
     assert f"qlustar: bundle applied: 6 files (sha256 {digest[:12]})" in out
-    assert out[-1] == "qlustar: runner done: 6 files, 0 actions (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == "qlustar: runner done: 6 files, 0 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
 
 
 def test_owner_and_group_by_name_with_numeric_fallback(
@@ -557,7 +565,7 @@ def test_write_failure_midway_exits_partial(
 
     out = capsys.readouterr().out
     assert "qlustar: ERROR: writing the bundle failed: [Errno 28] /srv/new/b:" in out
-    assert "actions and init.d scripts skipped" in out
+    assert "actions, disk setup and init.d scripts skipped" in out
     assert commands.calls == []
     # The directory created so far was still finalized (not left 0700).
     assert node_mode("/srv/new") == "0750"
@@ -581,7 +589,7 @@ PAM_SSHD = "@include common-auth\naccount    required     pam_nologin.so\n@inclu
 VALID_FILES = [
     dir_entry("/root/.ssh", "0700"),
     file_entry("/root/.ssh/authorized_keys", "key\n", mode="0600"),
-    file_entry("/etc/qlustar/options.d/disk-config", "x\n"),
+    file_entry("/etc/qlustar/options.d/node", "NAME=beo-01\n"),
 ]
 
 
@@ -645,7 +653,7 @@ BAD_BUNDLES: dict[str, tuple[Any, str]] = {
         "listed before its directory /srv/d",
     ),
     "duplicate": (
-        make_bundle([*VALID_FILES, file_entry("/etc/qlustar/options.d/disk-config")]),
+        make_bundle([*VALID_FILES, file_entry("/etc/qlustar/options.d/node")]),
         "duplicate path",
     ),
     "bad action": (
@@ -867,7 +875,7 @@ def test_actions(
     assert "qlustar: action ipmi 10.1.0.5 (channel 1) done" in out
     assert "qlustar: action hostname beo-01 done" in out
     assert "qlustar: action command noop done" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
     # Command output goes to runner.log.
     assert "[ipmitool] output of ipmitool" in runner_log()
     assert "[true] second line of true" in runner_log()
@@ -900,7 +908,7 @@ def test_failing_action_is_logged_and_the_rest_runs(
     assert "qlustar: action command /usr/bin/false FAILED" in out
     assert "qlustar: action ipmi 10.1.0.5 (channel 1) FAILED" in out
     assert "qlustar: action command /usr/bin/true done" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (2 failed), 0 scripts (0 failed)"
+    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (2 failed), 0 disks (0 failed), 0 scripts (0 failed)"
     log = runner_log()
     assert "/usr/bin/false exited with status 3" in log
     assert "ipmitool lan set 1 ipsrc static exited with status 1" in log
@@ -938,7 +946,7 @@ def test_ipmi_without_gateway_leaves_the_gateway_alone(
     ]
     out = console_lines(capsys)
     assert "qlustar: action ipmi 10.1.0.5 (channel 2) done" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
     assert "no IPMI gateway: default gateway of channel 2 unchanged" in runner_log()
 
 
@@ -973,7 +981,7 @@ def test_command_if_exists_skips_when_the_path_is_missing(
     assert "qlustar: action command /usr/bin/present done" in out
     assert "qlustar: action command /usr/bin/true done" in out
     assert not any("WARNING" in line for line in out)
-    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
     assert "/usr/sbin/postconf not on this node" in runner_log()
 
 
@@ -1036,7 +1044,7 @@ def test_ensure_line_appends_atomically(
     assert os.listdir("/etc/pam.d") == ["sshd"]  # no temporary file left
     out = console_lines(capsys)
     assert "qlustar: action ensure-line /etc/pam.d/sshd done" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
     assert f"added the line {PAM_LINE!r} to /etc/pam.d/sshd" in runner_log()
 
 
@@ -1088,7 +1096,7 @@ def test_ensure_line_on_a_missing_file_warns_and_skips(
     for path in ("/etc/pam.d/sshd", "/etc/pam.d/login", "/etc/nothere/sshd"):
         assert f"qlustar: WARNING: {path} does not exist: line {PAM_LINE!r} not added" in out
         assert f"qlustar: action ensure-line {path} skipped" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 4 actions (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == "qlustar: runner done: 0 files, 4 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
     assert "WARNING: /etc/pam.d/sshd does not exist" in runner_log()
 
 
@@ -1117,7 +1125,7 @@ def test_ensure_line_on_a_directory_fails(
 
     out = console_lines(capsys)
     assert "qlustar: action ensure-line /etc/pam.d/sshd FAILED" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (1 failed), 0 scripts (0 failed)"
+    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (1 failed), 0 disks (0 failed), 0 scripts (0 failed)"
     assert "/etc/pam.d/sshd is not a regular file" in runner_log()
 
 
@@ -1213,10 +1221,15 @@ def test_bundle_from_the_renderer_is_applied(
     assert "qlustar: action ensure-line /etc/pam.d/sshd done" in out
     mail = "done" if node == "beo-01" else "skipped"
     assert f"qlustar: action command {rendered.actions[2]['description']} {mail}" in out
+    # beo-01 has a disk-config for /dev/sda, which this node lacks: skipped with a warning.
     n_files, n_scripts = len(rendered.files), int(node == "beo-01")
+    n_disks = int(node == "beo-01")
+    if node == "beo-01":
+        assert "qlustar: WARNING: disk /dev/sda not found on this node: disk setup skipped" in out
+        assert "qlustar: disk setup skipped" in out
     assert out[-1] == (
         f"qlustar: runner done: {n_files} files, 4 actions (0 failed), "
-        f"{n_scripts} scripts (0 failed)"
+        f"{n_disks} disks (0 failed), {n_scripts} scripts (0 failed)"
     )
 
 
@@ -1254,7 +1267,7 @@ def test_init_d_scripts_run_in_byte_order(
         "qlustar: init.d a started",
         "qlustar: init.d a exited with status 0",
     ]
-    assert out[-1] == "qlustar: runner done: 0 files, 0 actions (0 failed), 5 scripts (1 failed)"
+    assert out[-1] == "qlustar: runner done: 0 files, 0 actions (0 failed), 0 disks (0 failed), 5 scripts (1 failed)"
     assert node_read("/var/log/qlustar/init.d/10-b.log") == (
         b"output of 10-b\nsecond line of 10-b\n"
     )
@@ -1387,7 +1400,7 @@ def test_real_init_d_scripts_run_in_order(
     assert (log_dir / "init.d" / "50-fails.log").read_text() == "50-fails out\n50-fails err\n"
     out = capsys.readouterr().out.splitlines()
     assert "qlustar: init.d 50-fails exited with status 7" in out
-    assert out[-1] == "qlustar: runner done: 1 files, 0 actions (0 failed), 5 scripts (1 failed)"
+    assert out[-1] == "qlustar: runner done: 1 files, 0 actions (0 failed), 0 disks (0 failed), 5 scripts (1 failed)"
     log = (log_dir / "runner.log").read_text()
     assert "[99-z] 99-z err" in log
     assert "init.d 20-not-executable skipped: not executable" in log
