@@ -972,7 +972,8 @@ def run_init_scripts(run: Runner, reporter: Reporter) -> tuple[int, int]:
 #    after partitioning; kept partitions are only mounted;
 #  * partitions with a mount point are mounted (the directory is created), swap partitions
 #    activated; what is mounted already is left as it is. /etc/fstab then gets one line for
-#    each partition mounted or activated, marked with FSTAB_MARK; the marked lines of an
+#    each partition mounted or activated (so systemd keeps them; not for one that failed,
+#    which systemd would only fail again), marked with FSTAB_MARK; the marked lines of an
 #    earlier run are replaced, all other lines are kept;
 #  * any error (bad file, missing tool, a command failing) is reported and the step counted
 #    as failed; the boot goes on with the init.d scripts.
@@ -1323,7 +1324,6 @@ def setup_disk(config: DiskConfig, run: Runner, reporter: Reporter) -> bool | No
     """True: done; False: failed (reported); None: the disk is not on this node."""
     if not os.path.exists(config.device):
         reporter.warn(f"disk {config.device} not found on this node: disk setup skipped")
-        update_fstab([], reporter)
         return None
     disk = os.path.realpath(config.device)
     if disk != config.device:

@@ -91,16 +91,3 @@ def test_doit_list_explains_every_task(built_site: Path) -> None:
         "pxelinux:links",
     ):
         assert task in lines and lines[task].strip(), f"{task} has no description:\n{out}"
-
-
-def test_adding_a_node_rebuilds_only_pxelinux_links(site_factory: Callable[..., Path]) -> None:
-    root = site_factory()
-    qlimage("-C", str(root), "build")
-    with (root / "nodes.d/cluster.toml").open("a") as f:
-        f.write(
-            '\n[[hosts]]\nname = "beo-03"\nmac = "52:54:00:12:34:58"\nimage = "demo"\n'
-            'networks.boot = "10.0.2.17"\n'
-        )
-    out = qlimage("-C", str(root), "build").stdout
-    assert executed(out) == ["pxelinux:links"], out
-    assert (root / "bootfiles/pxelinux.cfg/0A000211").readlink().as_posix() == "demo"

@@ -379,7 +379,10 @@ def test_applies_every_entry_type(
     out = console_lines(capsys)
     assert out[0] == (f"qlustar: runner started (node MAC 52:54:00:12:34:56, head {BASE})")
     assert f"qlustar: bundle applied: 6 files (sha256 {digest[:12]})" in out
-    assert out[-1] == "qlustar: runner done: 6 files, 0 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == (
+        "qlustar: runner done: 6 files, 0 actions (0 failed), "
+        "0 disks (0 failed), 0 scripts (0 failed)"
+    )
 
 
 def test_owner_and_group_by_name_with_numeric_fallback(
@@ -875,7 +878,10 @@ def test_actions(
     assert "qlustar: action ipmi 10.1.0.5 (channel 1) done" in out
     assert "qlustar: action hostname beo-01 done" in out
     assert "qlustar: action command noop done" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == (
+        "qlustar: runner done: 0 files, 3 actions (0 failed), "
+        "0 disks (0 failed), 0 scripts (0 failed)"
+    )
     # Command output goes to runner.log.
     assert "[ipmitool] output of ipmitool" in runner_log()
     assert "[true] second line of true" in runner_log()
@@ -908,7 +914,10 @@ def test_failing_action_is_logged_and_the_rest_runs(
     assert "qlustar: action command /usr/bin/false FAILED" in out
     assert "qlustar: action ipmi 10.1.0.5 (channel 1) FAILED" in out
     assert "qlustar: action command /usr/bin/true done" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (2 failed), 0 disks (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == (
+        "qlustar: runner done: 0 files, 3 actions (2 failed), "
+        "0 disks (0 failed), 0 scripts (0 failed)"
+    )
     log = runner_log()
     assert "/usr/bin/false exited with status 3" in log
     assert "ipmitool lan set 1 ipsrc static exited with status 1" in log
@@ -946,7 +955,10 @@ def test_ipmi_without_gateway_leaves_the_gateway_alone(
     ]
     out = console_lines(capsys)
     assert "qlustar: action ipmi 10.1.0.5 (channel 2) done" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == (
+        "qlustar: runner done: 0 files, 1 actions (0 failed), "
+        "0 disks (0 failed), 0 scripts (0 failed)"
+    )
     assert "no IPMI gateway: default gateway of channel 2 unchanged" in runner_log()
 
 
@@ -981,7 +993,10 @@ def test_command_if_exists_skips_when_the_path_is_missing(
     assert "qlustar: action command /usr/bin/present done" in out
     assert "qlustar: action command /usr/bin/true done" in out
     assert not any("WARNING" in line for line in out)
-    assert out[-1] == "qlustar: runner done: 0 files, 3 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == (
+        "qlustar: runner done: 0 files, 3 actions (0 failed), "
+        "0 disks (0 failed), 0 scripts (0 failed)"
+    )
     assert "/usr/sbin/postconf not on this node" in runner_log()
 
 
@@ -1044,7 +1059,10 @@ def test_ensure_line_appends_atomically(
     assert os.listdir("/etc/pam.d") == ["sshd"]  # no temporary file left
     out = console_lines(capsys)
     assert "qlustar: action ensure-line /etc/pam.d/sshd done" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == (
+        "qlustar: runner done: 0 files, 1 actions (0 failed), "
+        "0 disks (0 failed), 0 scripts (0 failed)"
+    )
     assert f"added the line {PAM_LINE!r} to /etc/pam.d/sshd" in runner_log()
 
 
@@ -1096,7 +1114,10 @@ def test_ensure_line_on_a_missing_file_warns_and_skips(
     for path in ("/etc/pam.d/sshd", "/etc/pam.d/login", "/etc/nothere/sshd"):
         assert f"qlustar: WARNING: {path} does not exist: line {PAM_LINE!r} not added" in out
         assert f"qlustar: action ensure-line {path} skipped" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 4 actions (0 failed), 0 disks (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == (
+        "qlustar: runner done: 0 files, 4 actions (0 failed), "
+        "0 disks (0 failed), 0 scripts (0 failed)"
+    )
     assert "WARNING: /etc/pam.d/sshd does not exist" in runner_log()
 
 
@@ -1125,7 +1146,10 @@ def test_ensure_line_on_a_directory_fails(
 
     out = console_lines(capsys)
     assert "qlustar: action ensure-line /etc/pam.d/sshd FAILED" in out
-    assert out[-1] == "qlustar: runner done: 0 files, 1 actions (1 failed), 0 disks (0 failed), 0 scripts (0 failed)"
+    assert out[-1] == (
+        "qlustar: runner done: 0 files, 1 actions (1 failed), "
+        "0 disks (0 failed), 0 scripts (0 failed)"
+    )
     assert "/etc/pam.d/sshd is not a regular file" in runner_log()
 
 
@@ -1267,7 +1291,10 @@ def test_init_d_scripts_run_in_byte_order(
         "qlustar: init.d a started",
         "qlustar: init.d a exited with status 0",
     ]
-    assert out[-1] == "qlustar: runner done: 0 files, 0 actions (0 failed), 0 disks (0 failed), 5 scripts (1 failed)"
+    assert out[-1] == (
+        "qlustar: runner done: 0 files, 0 actions (0 failed), "
+        "0 disks (0 failed), 5 scripts (1 failed)"
+    )
     assert node_read("/var/log/qlustar/init.d/10-b.log") == (
         b"output of 10-b\nsecond line of 10-b\n"
     )
@@ -1291,6 +1318,668 @@ def test_init_d_scripts_from_the_bundle_run(
 
     assert commands.calls == [["/lib/qlustar/init.d/20-disk"]]
     assert node_owner("/lib/qlustar/init.d/20-disk") == (0, 0)
+
+
+# --------------------------------------------------------------------------------------
+# Local disk (/etc/qlustar/options.d/disk-config)
+
+DISK_CONFIG = "/etc/qlustar/options.d/disk-config"
+DISK_TOOLS = ("sfdisk", "blkid", "partx", "mkfs.ext4", "mkfs.xfs", "mkswap", "mount", "swapon")
+FSTAB = "# /etc/fstab: static file system information.\nproc /proc proc defaults 0 0\n"
+# A 512MiB swap partition, 10GiB ext4 on /scratch (labelled, with options), the rest xfs.
+SDB_PARTS = """\
+part 1 512MiB swap - swap0 -
+part 2 10GiB ext4 /scratch scratch noatime,nodev
+part 3 rest xfs /data - -
+"""
+SDB_SCRIPT = "size=512MiB, type=swap\nsize=10240MiB, type=linux\ntype=linux\n"
+SDB_FSTAB = (
+    "/dev/sdb1 none swap sw 0 0 # qlustar-disk\n"
+    "/dev/sdb2 /scratch ext4 noatime,nodev 0 0 # qlustar-disk\n"
+    "/dev/sdb3 /data xfs defaults 0 0 # qlustar-disk\n"
+)
+BLANK = {"sfdisk --dump /dev/sdb": 1, "blkid -p /dev/sdb": 2}  # no table, no signature
+INIT_D_10X = "/lib/qlustar/init.d/10-x"
+
+
+def disk_config(
+    device: str = "/dev/sdb",
+    label: str = "gpt",
+    wipe: str = "if-unformatted",
+    parts: str = SDB_PARTS,
+) -> str:
+    """As the head writes it (comments and an empty line included)."""
+    return f"# disk-config of beo-01\n\ndevice={device}\nlabel={label}\nwipe={wipe}\n{parts}"
+
+
+def block_device(fs: FakeFilesystem, path: str) -> None:
+    fs.create_file(path, st_mode=stat.S_IFBLK | 0o660)
+
+
+def disk_node(
+    fs: FakeFilesystem,
+    commands: Commands,
+    *,
+    disk: str = "/dev/sdb",
+    partitions: int = 0,
+    appear: int = 3,
+    tools: Sequence[str] = DISK_TOOLS,
+) -> None:
+    """A node with the tools in /usr/sbin, the disk with `partitions` existing partition
+    device nodes, an /etc/fstab and an init.d script. Like the kernel, writing a partition
+    table with sfdisk makes `appear` partition device nodes appear."""
+    for tool in tools:
+        executable(fs, f"/usr/sbin/{tool}")
+    executable(fs, INIT_D_10X)
+    block_device(fs, disk)
+    for n in range(1, partitions + 1):
+        block_device(fs, noderunner.partition_device(disk, n))
+    fs.create_file("/etc/fstab", contents=FSTAB)
+    os.chmod("/etc/fstab", 0o644)
+
+    def sfdisk(argv: list[str]) -> None:
+        if "--dump" in argv:
+            return
+        for n in range(1, appear + 1):
+            path = noderunner.partition_device(os.path.realpath(argv[-1]), n)
+            if not os.path.exists(path):
+                block_device(fs, path)
+
+    commands.effects["sfdisk"] = sfdisk
+
+
+def boot_with_disk(
+    head: Head, commands: Commands, config: str, actions: Sequence[dict[str, Any]] = ()
+) -> int:
+    """Boot with a bundle holding `config` as the disk-config, as root (as on the node)."""
+    head.publish(make_bundle([file_entry(DISK_CONFIG, config)], actions))
+    with as_root():
+        return run_node(head, commands)
+
+
+def partition_commands(disk: str = "/dev/sdb", p: str = "") -> list[list[str]]:
+    """Partitioning and formatting SDB_PARTS on `disk` (partition names `disk`+`p`+n)."""
+    return [
+        ["sfdisk", "--wipe", "always", "--wipe-partitions", "always", disk],
+        ["partx", "-u", disk],
+        ["mkswap", "-L", "swap0", f"{disk}{p}1"],
+        ["mkfs.ext4", "-F", "-q", "-L", "scratch", f"{disk}{p}2"],
+        ["mkfs.xfs", "-f", f"{disk}{p}3"],
+    ]
+
+
+def mount_commands(disk: str = "/dev/sdb", p: str = "") -> list[list[str]]:
+    return [
+        ["swapon", f"{disk}{p}1"],
+        ["mount", "-t", "ext4", "-o", "noatime,nodev", f"{disk}{p}2", "/scratch"],
+        ["mount", "-t", "xfs", f"{disk}{p}3", "/data"],
+    ]
+
+
+def summary(actions: str = "0 actions (0 failed)", disks: str = "1 disks (0 failed)") -> str:
+    return f"qlustar: runner done: 1 files, {actions}, {disks}, 1 scripts (0 failed)"
+
+
+@pytest.mark.parametrize("label", ["gpt", "dos"])
+def test_disk_is_partitioned_formatted_and_mounted_between_actions_and_init_d(
+    label: str,
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    disk_node(nodefs, commands)
+    commands.argv_status = dict(BLANK)
+    action = {"kind": "command", "argv": ["/usr/bin/true"]}
+
+    assert boot_with_disk(head, commands, disk_config(label=label), [action]) == EXIT_OK
+
+    # After the actions, before the init.d scripts.
+    assert commands.calls == [
+        ["/usr/bin/true"],
+        ["sfdisk", "--dump", "/dev/sdb"],
+        ["blkid", "-p", "/dev/sdb"],
+        *partition_commands(),
+        *mount_commands(),
+        [INIT_D_10X],
+    ]
+    sfdisk_input = commands.inputs[commands.calls.index(partition_commands()[0])]
+    assert sfdisk_input == f"label: {label}\n{SDB_SCRIPT}"
+    assert [i for i in commands.inputs if i is not None] == [sfdisk_input]
+    assert node_read("/etc/fstab").decode() == FSTAB + SDB_FSTAB
+    assert node_mode("/etc/fstab") == "0644"
+    for mount_point in ("/scratch", "/data"):
+        assert node_mode(mount_point) == "0755"
+    out = console_lines(capsys)
+    disk_lines = [line for line in out if line.startswith("qlustar: disk")]
+    assert disk_lines == [
+        f"qlustar: disk /dev/sdb: partitioned ({label}, 3 partitions)",
+        "qlustar: disk /dev/sdb: made swap on /dev/sdb1, label swap0",
+        "qlustar: disk /dev/sdb: made ext4 on /dev/sdb2, label scratch",
+        "qlustar: disk /dev/sdb: made xfs on /dev/sdb3",
+        "qlustar: disk /dev/sdb: swap on /dev/sdb1",
+        "qlustar: disk /dev/sdb: mounted /dev/sdb2 on /scratch",
+        "qlustar: disk /dev/sdb: mounted /dev/sdb3 on /data",
+        "qlustar: disk setup done",
+    ]
+    assert out.index("qlustar: action command /usr/bin/true done") < out.index(disk_lines[0])
+    assert out.index("qlustar: disk setup done") < out.index("qlustar: init.d 10-x started")
+    assert out[-1] == summary(actions="1 actions (0 failed)")
+    # Command output and sfdisk's input are in the log, not on the console.
+    log = runner_log()
+    assert "[sfdisk stdin] size=10240MiB, type=linux" in log
+    assert "[mkfs.xfs] second line of mkfs.xfs" in log
+    assert not any("mkfs.xfs]" in line for line in out)
+
+
+@pytest.mark.parametrize(
+    ("disk", "p"),
+    [("/dev/sdb", ""), ("/dev/vda", ""), ("/dev/nvme0n1", "p"), ("/dev/loop0", "p"),
+     ("/dev/mmcblk0", "p")],
+)  # fmt: skip
+def test_partition_device_names(
+    disk: str, p: str, nodefs: FakeFilesystem, head: Head, commands: Commands
+) -> None:
+    disk_node(nodefs, commands, disk=disk)
+
+    assert boot_with_disk(head, commands, disk_config(device=disk, wipe="always")) == EXIT_OK
+
+    expected = [*partition_commands(disk, p), *mount_commands(disk, p), [INIT_D_10X]]
+    assert commands.calls == expected
+    assert noderunner.partition_device(disk, 12) == f"{disk}{p}12"
+
+
+def test_disk_by_id_link_is_resolved_for_partition_names(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk_node(nodefs, commands, disk="/dev/nvme0n1")
+    nodefs.create_symlink("/dev/disk/by-id/nvme-Samsung_SSD_1", "../../nvme0n1")
+    config = disk_config(device="/dev/disk/by-id/nvme-Samsung_SSD_1", wipe="always")
+
+    assert boot_with_disk(head, commands, config) == EXIT_OK
+
+    disk = "/dev/nvme0n1"
+    expected = [*partition_commands(disk, "p"), *mount_commands(disk, "p"), [INIT_D_10X]]
+    assert commands.calls == expected
+    out = console_lines(capsys)
+    assert (
+        "qlustar: disk /dev/disk/by-id/nvme-Samsung_SSD_1: partitioned (gpt, 3 partitions)" in out
+    )
+    assert "disk /dev/disk/by-id/nvme-Samsung_SSD_1 is /dev/nvme0n1" in runner_log()
+
+
+PROBE = [["sfdisk", "--dump", "/dev/sdb"], ["blkid", "-p", "/dev/sdb"]]
+
+
+@pytest.mark.parametrize(
+    ("wipe", "dump", "blkid", "expected"),
+    [
+        # never: the table is never touched, nor even looked at; no sfdisk needed.
+        ("never", None, None, "kept"),
+        # if-unformatted: sfdisk --dump finds a table: kept.
+        ("if-unformatted", 0, None, "kept"),
+        # ...finds none, and blkid -p no other signature (status 2): partitioned.
+        ("if-unformatted", 1, 2, "partitioned"),
+        # ...finds none, but blkid -p finds e.g. a file system on the whole disk: refused.
+        ("if-unformatted", 1, 0, "signature"),
+        # ...and blkid cannot probe it: refused.
+        ("if-unformatted", 1, 4, "probe"),
+        # always: at every boot, without looking.
+        ("always", None, None, "partitioned"),
+    ],
+)
+def test_wipe_policy(
+    wipe: str,
+    dump: int | None,
+    blkid: int | None,
+    expected: str,
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tools = ("mount", "swapon") if wipe == "never" else DISK_TOOLS
+    disk_node(nodefs, commands, partitions=3, tools=tools)
+    if dump is not None:
+        commands.argv_status["sfdisk --dump /dev/sdb"] = dump
+    if blkid is not None:
+        commands.argv_status["blkid -p /dev/sdb"] = blkid
+
+    assert boot_with_disk(head, commands, disk_config(wipe=wipe)) == EXIT_OK
+
+    probe = PROBE[: (dump is not None) + (blkid is not None)]
+    out = console_lines(capsys)
+    if expected == "kept":
+        assert commands.calls == [*probe, *mount_commands(), [INIT_D_10X]]
+        assert f"qlustar: disk /dev/sdb: kept existing partitions (wipe={wipe})" in out
+        assert not any("partitioned" in line or "made" in line for line in out)
+        assert node_read("/etc/fstab").decode() == FSTAB + SDB_FSTAB
+        assert out[-1] == summary()
+    elif expected == "partitioned":
+        assert commands.calls == [*probe, *partition_commands(), *mount_commands(), [INIT_D_10X]]
+        assert "qlustar: disk /dev/sdb: partitioned (gpt, 3 partitions)" in out
+        assert out[-1] == summary()
+    else:
+        reason = {
+            "signature": "no partition table, but a signature blkid recognizes (see runner.log); "
+            "not partitioned (wipe=always would)",
+            "probe": "cannot probe the disk: blkid -p exited with status 4",
+        }[expected]
+        assert commands.calls == [*probe, [INIT_D_10X]]
+        assert f"qlustar: ERROR: disk /dev/sdb: {reason}" in out
+        assert "qlustar: disk setup FAILED" in out
+        assert node_read("/etc/fstab").decode() == FSTAB
+        assert out[-1] == summary(disks="1 disks (1 failed)")
+
+
+def test_fstab_lines_are_replaced_idempotently_across_boots(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk_node(nodefs, commands)
+    stale = "/dev/sdz1 /old ext4 defaults 0 0 # qlustar-disk\n"
+    nodefs.remove("/etc/fstab")
+    nodefs.create_file("/etc/fstab", contents=stale + FSTAB + "tmpfs /tmp tmpfs defaults 0 0")
+    os.chmod("/etc/fstab", 0o640)
+    commands.argv_status = dict(BLANK)
+    config = disk_config()
+    kept_lines = FSTAB + "tmpfs /tmp tmpfs defaults 0 0\n"
+
+    # First boot: a blank disk is partitioned; the runner's old line is replaced.
+    assert boot_with_disk(head, commands, config) == EXIT_OK
+    assert node_read("/etc/fstab").decode() == kept_lines + SDB_FSTAB
+    assert node_mode("/etc/fstab") == "0640"
+    assert "partitioned (gpt, 3 partitions)" in capsys.readouterr().out
+
+    # Second boot: the disk has its table now, so it is only mounted; same fstab.
+    commands.calls.clear()
+    commands.argv_status["sfdisk --dump /dev/sdb"] = 0
+    assert boot_with_disk(head, commands, config) == EXIT_OK
+    assert commands.calls == [PROBE[0], *mount_commands(), [INIT_D_10X]]
+    assert node_read("/etc/fstab").decode() == kept_lines + SDB_FSTAB
+    assert node_mode("/etc/fstab") == "0640"
+    out = console_lines(capsys)
+    assert "qlustar: disk /dev/sdb: kept existing partitions (wipe=if-unformatted)" in out
+    assert "/etc/fstab unchanged" in runner_log()
+
+
+def test_fstab_is_created_when_the_image_has_none(
+    nodefs: FakeFilesystem, head: Head, commands: Commands
+) -> None:
+    disk_node(nodefs, commands, partitions=3)
+    nodefs.remove("/etc/fstab")
+
+    assert boot_with_disk(head, commands, disk_config(wipe="never")) == EXIT_OK
+
+    assert node_read("/etc/fstab").decode() == SDB_FSTAB
+    assert node_mode("/etc/fstab") == "0644"
+    assert node_owner("/etc/fstab") == (0, 0)
+
+
+def test_mounted_partitions_and_active_swap_are_kept(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk_node(nodefs, commands, partitions=3)
+    # A mount point with a space: \0040 in disk-config, \040 in /proc/self/mounts and fstab.
+    parts = SDB_PARTS.replace("/scratch", "/my\\0040scratch")
+    nodefs.create_file(
+        "/proc/self/mounts",
+        contents="proc /proc proc rw 0 0\n/dev/sdb2 /my\\040scratch ext4 rw,noatime 0 0\n",
+    )
+    nodefs.create_file(
+        "/proc/swaps",
+        contents="Filename\tType\tSize\tUsed\tPriority\n/dev/sdb1  partition\t524284\t0\t-2\n",
+    )
+
+    assert boot_with_disk(head, commands, disk_config(wipe="never", parts=parts)) == EXIT_OK
+
+    assert commands.calls == [["mount", "-t", "xfs", "/dev/sdb3", "/data"], [INIT_D_10X]]
+    out = console_lines(capsys)
+    assert "qlustar: disk /dev/sdb: swap on /dev/sdb1 already active" in out
+    assert "qlustar: disk /dev/sdb: /dev/sdb2 already mounted on /my scratch" in out
+    assert node_read("/etc/fstab").decode() == FSTAB + SDB_FSTAB.replace(
+        "/scratch", "/my\\040scratch"
+    )
+
+
+def test_no_disk_config_means_no_disk_step(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk_node(nodefs, commands)
+    head.publish(make_bundle())
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert commands.calls == [[INIT_D_10X]]
+    out = console_lines(capsys)
+    assert not any(line.startswith("qlustar: disk") for line in out)
+    assert out[-1] == (
+        "qlustar: runner done: 0 files, 0 actions (0 failed), 0 disks (0 failed), "
+        "1 scripts (0 failed)"
+    )
+    assert f"no {DISK_CONFIG}: no local disk to set up" in runner_log()
+    assert node_read("/etc/fstab").decode() == FSTAB
+
+
+def test_disk_not_on_this_node_is_skipped_with_a_warning(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk_node(nodefs, commands)
+
+    assert boot_with_disk(head, commands, disk_config(device="/dev/sdc", wipe="always")) == EXIT_OK
+
+    assert commands.calls == [[INIT_D_10X]]
+    out = console_lines(capsys)
+    assert "qlustar: WARNING: disk /dev/sdc not found on this node: disk setup skipped" in out
+    assert "qlustar: disk setup skipped" in out
+    assert out[-1] == summary()
+    assert node_read("/etc/fstab").decode() == FSTAB
+
+
+def test_disk_that_is_not_a_block_device_fails(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk_node(nodefs, commands)
+    nodefs.create_file("/dev/sdc", contents="")
+
+    assert boot_with_disk(head, commands, disk_config(device="/dev/sdc", wipe="always")) == EXIT_OK
+
+    assert commands.calls == [[INIT_D_10X]]
+    out = console_lines(capsys)
+    assert "qlustar: ERROR: disk /dev/sdc: not a block device" in out
+    assert out[-1] == summary(disks="1 disks (1 failed)")
+
+
+BAD_DISK_CONFIGS: dict[str, tuple[str, str]] = {
+    "unknown keyword": (disk_config() + "size=10\n", "line 9: unknown keyword 'size'"),
+    "misspelt keyword": (
+        disk_config().replace("wipe=", "wype="),
+        "line 5: unknown keyword 'wype'",
+    ),
+    "size zero": (
+        disk_config(parts="part 1 0MiB ext4 /x - -\n"),
+        "line 6: bad size '0MiB' (<N>MiB, <N>GiB, <N>TiB with N > 0, or rest)",
+    ),
+    "size unit": (disk_config(parts="part 1 10GB ext4 /x - -\n"), "bad size '10GB'"),
+    "size words": (disk_config(parts="part 1 ten ext4 /x - -\n"), "bad size 'ten'"),
+    "rest not last": (
+        disk_config(parts="part 1 rest ext4 /x - -\npart 2 1GiB swap - - -\n"),
+        "line 7: partition after the one of size 'rest' (must be last)",
+    ),
+    "bad fs": (
+        disk_config(parts="part 1 rest btrfs /x - -\n"),
+        "line 6: bad file system 'btrfs' (one of ext4, xfs, swap)",
+    ),
+    "bad table label": (
+        disk_config(label="mbr"),
+        "bad partition table label='mbr' (one of gpt, dos)",
+    ),
+    "bad wipe": (
+        disk_config(wipe="sometimes"),
+        "bad wipe='sometimes' (one of never, if-unformatted, always)",
+    ),
+    "no device": (disk_config().replace("device=/dev/sdb\n", ""), "no device= line"),
+    "device twice": (disk_config() + "device=/dev/sdc\n", "line 9: device= given twice"),
+    "relative device": (disk_config(device="sdb"), "device 'sdb' is not an absolute path"),
+    "bad escape": (
+        disk_config(device="/dev/my\\x20disk"),
+        "device '/dev/my\\\\x20disk': a backslash must start a \\0ooo escape",
+    ),
+    "no partitions": (disk_config(parts=""), "no part lines"),
+    "field missing": (
+        disk_config(parts="part 1 rest ext4 /x -\n"),
+        "line 6: a part line has 7 fields, not 6",
+    ),
+    "keyword with a value": (
+        disk_config().replace("wipe=if-unformatted", "wipe=never always"),
+        "line 5: wipe= takes one value without spaces",
+    ),
+    "numbering": (
+        disk_config(parts="part 2 rest ext4 /x - -\n"),
+        "line 6: partition number '2', expected 1",
+    ),
+    "relative mount point": (
+        disk_config(parts="part 1 rest ext4 scratch - -\n"),
+        "mount point 'scratch' is not an absolute normalized path",
+    ),
+    "mount point with ..": (
+        disk_config(parts="part 1 rest ext4 /srv/../etc - -\n"),
+        "mount point '/srv/../etc' is not an absolute normalized path",
+    ),
+    "mount on /": (
+        disk_config(parts="part 1 rest ext4 / - -\n"),
+        "mount point '/' is the root directory",
+    ),
+    "swap with a mount point": (
+        disk_config(parts="part 1 rest swap /swap - -\n"),
+        "a swap partition has no mount point ('/swap')",
+    ),
+    "xfs label too long": (
+        disk_config(parts="part 1 rest xfs /data abcdefghijklm -\n"),
+        "label 'abcdefghijklm' is longer than 12 bytes for xfs",
+    ),
+    "options with a space": (
+        disk_config(parts="part 1 rest ext4 /x - noatime,\\0040nodev\n"),
+        "mount options 'noatime, nodev' contain white space",
+    ),
+    "dos with 5 partitions": (
+        disk_config(label="dos", parts="".join(f"part {n} 1GiB ext4 - - -\n" for n in range(1, 6))),
+        "a dos partition table holds 4 partitions, not 5",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DISK_CONFIGS))
+def test_bad_disk_config_fails_the_step_and_the_boot_goes_on(
+    case: str,
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config, message = BAD_DISK_CONFIGS[case]
+    disk_node(nodefs, commands, partitions=3)
+
+    assert boot_with_disk(head, commands, config) == EXIT_OK
+
+    assert commands.calls == [[INIT_D_10X]]  # the disk untouched; init.d scripts still run
+    out = console_lines(capsys)
+    errors = [line for line in out if line.startswith("qlustar: ERROR: ")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"qlustar: ERROR: {DISK_CONFIG}: ")
+    assert message in errors[0]
+    assert "qlustar: disk setup FAILED" in out
+    assert out[-1] == summary(disks="1 disks (1 failed)")
+    assert node_read("/etc/fstab").decode() == FSTAB
+
+
+@pytest.mark.parametrize(
+    ("missing", "wipe", "package", "probed"),
+    [
+        ("sfdisk", "if-unformatted", "fdisk", False),
+        ("sfdisk", "always", "fdisk", False),
+        ("blkid", "if-unformatted", "util-linux", False),
+        ("mkfs.xfs", "if-unformatted", "xfsprogs", True),
+        ("mkfs.ext4", "always", "e2fsprogs", False),
+        ("mkswap", "always", "util-linux", False),
+        ("mount", "never", "mount", False),
+        ("swapon", "always", "mount", False),
+    ],
+)
+def test_missing_tool_fails_the_step_before_touching_the_disk(
+    missing: str,
+    wipe: str,
+    package: str,
+    probed: bool,
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    disk_node(nodefs, commands, partitions=3, tools=[t for t in DISK_TOOLS if t != missing])
+    commands.argv_status = dict(BLANK)
+
+    assert boot_with_disk(head, commands, disk_config(wipe=wipe)) == EXIT_OK
+
+    assert commands.calls == [*(PROBE if probed else []), [INIT_D_10X]]
+    out = console_lines(capsys)
+    assert f"qlustar: ERROR: disk /dev/sdb: {missing} not found (Debian package {package})" in out
+    assert "qlustar: disk setup FAILED" in out
+    assert out[-1] == summary(disks="1 disks (1 failed)")
+
+
+def test_partx_and_udevadm_are_optional_and_used_when_present(
+    nodefs: FakeFilesystem, head: Head, commands: Commands
+) -> None:
+    disk_node(nodefs, commands, tools=[t for t in DISK_TOOLS if t != "partx"])
+    executable(nodefs, "/bin/udevadm")
+
+    assert boot_with_disk(head, commands, disk_config(wipe="always")) == EXIT_OK
+
+    sfdisk, _partx, *mkfs = partition_commands()
+    assert commands.calls == [sfdisk, ["udevadm", "settle"], *mkfs, *mount_commands(), [INIT_D_10X]]
+
+
+def test_sfdisk_failure_leaves_the_disk_alone(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk_node(nodefs, commands, partitions=3, appear=0)
+    sfdisk = partition_commands()[0]
+    commands.argv_status[" ".join(sfdisk)] = 1  # e.g. a partition is mounted: in use
+
+    assert boot_with_disk(head, commands, disk_config(wipe="always")) == EXIT_OK
+
+    assert commands.calls == [sfdisk, [INIT_D_10X]]
+    out = console_lines(capsys)
+    assert (
+        "qlustar: ERROR: disk /dev/sdb: sfdisk failed (status 1; is the disk in use? "
+        "see runner.log)"
+    ) in out
+    assert out[-1] == summary(disks="1 disks (1 failed)")
+
+
+def test_mkfs_failure_stops_before_mounting(
+    nodefs: FakeFilesystem, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk_node(nodefs, commands)
+    commands.status["mkfs.ext4"] = 1
+
+    assert boot_with_disk(head, commands, disk_config(wipe="always")) == EXIT_OK
+
+    assert commands.calls == [*partition_commands()[:4], [INIT_D_10X]]
+    out = console_lines(capsys)
+    error = "mkfs.ext4 failed on /dev/sdb2 (status 1; see runner.log)"
+    assert f"qlustar: ERROR: disk /dev/sdb: {error}" in out
+    assert out[-1] == summary(disks="1 disks (1 failed)")
+
+
+def test_partitions_that_do_not_appear_fail_the_step(
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(noderunner, "PARTITION_WAIT", 0.3)
+    disk_node(nodefs, commands, appear=2)
+
+    started = time.monotonic()
+    assert boot_with_disk(head, commands, disk_config(wipe="always")) == EXIT_OK
+    assert 0.3 <= time.monotonic() - started < 3
+
+    assert commands.calls == [*partition_commands()[:2], [INIT_D_10X]]
+    out = console_lines(capsys)
+    assert "qlustar: ERROR: disk /dev/sdb: partition /dev/sdb3 did not appear within 0.3s" in out
+
+
+def test_one_failing_mount_does_not_stop_the_others(
+    nodefs: FakeFilesystem,
+    head: Head,
+    commands: Commands,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(noderunner, "PARTITION_WAIT", 0.1)
+    disk_node(nodefs, commands, partitions=3)
+    nodefs.remove("/dev/sdb1")  # the swap partition is gone (kept partition table)
+    commands.argv_status["mount -t ext4 -o noatime,nodev /dev/sdb2 /scratch"] = 32
+
+    assert boot_with_disk(head, commands, disk_config(wipe="never")) == EXIT_OK
+
+    assert commands.calls == [*mount_commands()[1:], [INIT_D_10X]]
+    out = console_lines(capsys)
+    assert "qlustar: ERROR: disk /dev/sdb: partition /dev/sdb1 not found" in out
+    assert "qlustar: ERROR: disk /dev/sdb: mounting /dev/sdb2 on /scratch failed (status 32)" in out
+    assert "qlustar: disk /dev/sdb: mounted /dev/sdb3 on /data" in out
+    assert "qlustar: disk setup FAILED" in out
+    # Only what is mounted goes to fstab: systemd must not retry (and fail) the others.
+    assert node_read("/etc/fstab").decode() == FSTAB + SDB_FSTAB.splitlines(keepends=True)[2]
+    assert out[-1] == summary(disks="1 disks (1 failed)")
+
+
+def test_a_runner_taking_only_argv_still_works(
+    nodefs: FakeFilesystem, head: Head, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[list[str]] = []
+
+    def plain(argv: Sequence[str]) -> tuple[int, str]:
+        calls.append(list(argv))
+        return 0, ""
+
+    disk_node(nodefs, Commands(), partitions=3)
+    head.publish(make_bundle([file_entry(DISK_CONFIG, disk_config(wipe="never"))]))
+    with as_root():
+        assert main([], fetch=head.fetch, run=plain) == EXIT_OK  # type: ignore[arg-type]
+
+    assert calls == [*mount_commands(), [INIT_D_10X]]
+
+
+def test_disk_config_from_the_renderer_parses(tmp_path: Path) -> None:
+    extra = r"""
+[[hosts]]
+name = "beo-08"
+mac = "52:54:00:12:34:5d"
+image = "demo"
+networks.boot = "10.0.2.22"
+options.disk = { device = "/dev/disk/by-id/my disk", label = "dos", wipe = "always", partitions = [
+  { size = "512MiB", fs = "swap", label = "sw" },
+  { size = "10GiB", fs = "ext4", mount = "/my scratch\\1\t2", label = "-", options = "-" },
+  { size = "rest", fs = "xfs", mount = "/data/", label = "data_1", options = "noatime,nodiratime" },
+] }
+"""
+    site = load_site(make_site(tmp_path / "site", extra_hosts=extra))
+    P = noderunner.Partition
+    expected = {
+        "beo-01": noderunner.DiskConfig(
+            "/dev/sda",
+            "gpt",
+            "if-unformatted",
+            (P(1, 16384, "swap"), P(2, None, "xfs", "/scratch", "scratch", "noatime")),
+        ),
+        "beo-08": noderunner.DiskConfig(
+            "/dev/disk/by-id/my disk",
+            "dos",
+            "always",
+            (
+                P(1, 512, "swap", label="sw"),
+                P(2, 10240, "ext4", "/my scratch\\1\t2", "-", "-"),
+                P(3, None, "xfs", "/data", "data_1", "noatime,nodiratime"),
+            ),
+        ),
+    }
+    for node, config in expected.items():
+        rendered = qb.render_bundle(site, site.host(node))
+        (text,) = [f.content for f in rendered.files if f.path == DISK_CONFIG]
+        assert noderunner.parse_disk_config(text.decode()) == config, node
+    assert noderunner.sfdisk_script(expected["beo-08"]) == (
+        "label: dos\nsize=512MiB, type=swap\nsize=10240MiB, type=linux\ntype=linux\n"
+    )
+
+
+def test_run_command_feeds_input(tmp_path: Path) -> None:
+    assert run_command(["cat"], input="label: gpt\ntype=linux\n") == (0, "label: gpt\ntype=linux\n")
+    assert run_command(["cat"]) == (0, "")  # no input: an empty stdin, not ours
+    # A command that reads none of a large input does not block us.
+    assert run_command(["true"], input="x" * 1_000_000) == (0, "")
 
 
 # --------------------------------------------------------------------------------------
@@ -1400,7 +2089,10 @@ def test_real_init_d_scripts_run_in_order(
     assert (log_dir / "init.d" / "50-fails.log").read_text() == "50-fails out\n50-fails err\n"
     out = capsys.readouterr().out.splitlines()
     assert "qlustar: init.d 50-fails exited with status 7" in out
-    assert out[-1] == "qlustar: runner done: 1 files, 0 actions (0 failed), 0 disks (0 failed), 5 scripts (1 failed)"
+    assert out[-1] == (
+        "qlustar: runner done: 1 files, 0 actions (0 failed), "
+        "0 disks (0 failed), 5 scripts (1 failed)"
+    )
     log = (log_dir / "runner.log").read_text()
     assert "[99-z] 99-z err" in log
     assert "init.d 20-not-executable skipped: not executable" in log
