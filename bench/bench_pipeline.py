@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from qlimage import squashfs  # noqa: E402
+from qlimage.layout import Layout  # noqa: E402
 from qlimage.site import load_site  # noqa: E402
-from qlimage.tasks import Layout  # noqa: E402
 
 
 def write_site(root: Path, images: int, nodes: int) -> None:

@@ -281,7 +281,7 @@ class Rebuilt:
 
 
 def image_generations(site: Site) -> dict[str, Path | None]:
-    from qlimage.tasks import Layout
+    from qlimage.layout import Layout
 
     layout = Layout(site)
     return {name: publish.current(layout.image_root(name)) for name in sorted(site.images)}

@@ -66,8 +66,8 @@ def cmd_build(site: Site, args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(site: Site, args: argparse.Namespace) -> int:
+    from qlimage.layout import Layout
     from qlimage.publish import build_lock, rollback
-    from qlimage.tasks import Layout
 
     if args.image not in site.images:
         raise QlimageError(

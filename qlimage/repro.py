@@ -516,7 +516,7 @@ def package_digest() -> str:
 def output_roots(copy: Site) -> list[str]:
     """What a build produces that nodes or the pool consume, relative to the site directory."""
     from qlimage import recipes
-    from qlimage.tasks import Layout
+    from qlimage.layout import Layout
 
     layout = Layout(copy)
     roots = [layout.tftpboot, layout.pxelinux_cfg, layout.qlustar]

@@ -37,6 +37,7 @@ from qlimage import (
 )
 from qlimage.atomic import TMP_PREFIX, write_bytes, write_text
 from qlimage.errors import QlimageError
+from qlimage.layout import Layout
 from qlimage.pool import (
     ModulePackage,
     load_control_cache,
@@ -81,59 +82,6 @@ def repair_state(path: Path) -> None:
             f"qlimage: {path} was torn by an interrupted build; rebuilding from the outputs",
             file=sys.stderr,
         )
-
-
-class Layout:
-    """Where every output of a site lives (the paths nodes fetch are in pxe.py)."""
-
-    def __init__(self, site: Site) -> None:
-        b = site.paths.bootfiles
-        self.bootfiles = b
-        self.tftpboot = b / "tftpboot"
-        self.pxelinux_cfg = b / "pxelinux.cfg"
-        self.qlustar = b / "qlustar"
-        self.kernel_dir = b / "kernel"
-        self.kernel_info = b / "kernel" / kernel.INFO
-        self.boot = self.qlustar / "boot"
-        self.boot_current = self.boot / publish.CURRENT
-        self.manifests = b / "manifests"
-
-    @property
-    def vmlinuz(self) -> Path:
-        return self.boot_current / "vmlinuz"
-
-    @property
-    def initrd(self) -> Path:
-        return self.boot_current / "initrd.img"
-
-    def image_root(self, name: str) -> Path:
-        """The image's generations, `current`, `history`."""
-        return self.qlustar / pxe.image_path(name)
-
-    def image_current(self, name: str) -> Path:
-        return self.image_root(name) / publish.CURRENT
-
-    def image(self, name: str) -> Path:
-        return self.image_current(name) / f"{name}.img"
-
-    def image_sum(self, name: str) -> Path:
-        return self.image_current(name) / f"{name}.img.sha256"
-
-    def image_modules(self, name: str) -> Path:
-        return self.image_current(name) / "modules.json"
-
-    def node_dir(self, host: Host) -> Path:
-        """Where a node's bundle is published; the runner asks for it by the boot NIC's MAC."""
-        return self.qlustar / "nodes" / host.mac.replace(":", "-")
-
-    def bundle(self, host: Host) -> Path:
-        return self.node_dir(host) / "bundle.json"
-
-    def stage(self, name: str) -> Path:
-        return self.bootfiles / "stage" / name
-
-    def stage_manifest(self, name: str) -> Path:
-        return self.bootfiles / "stage" / f"{name}.manifest"
 
 
 def sync_manifest(tree: Path, output: Path) -> Path:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlimage.errors import QlimageError
+from qlimage.layout import Layout
 from qlimage.run import find_tool
 from qlimage.site import Host, Site
-from qlimage.tasks import Layout
 
 SUCCESS = (r"qlustar: init\.qlustar started", r"qlustar: handing over to ")
 FAILURE = (

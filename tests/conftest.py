@@ -45,10 +45,6 @@ append = "debug"
 
 [bootconfigs.fallback]
 image = "demo"
-
-[bootconfigs.rescue]
-image = "demo"
-append = "early-shell"
 """
 
 IMAGE_TOML = """\
@@ -76,12 +72,6 @@ mac = "52:54:00:12:34:56"
 bootconfig = "compute"
 groups = ["rack1"]
 networks.boot = {{ address = "10.0.2.15", aliases = ["node1"] }}
-
-[[hosts]]
-name = "beo-03"
-mac = "52:54:00:12:34:58"
-bootconfig = "rescue"
-networks.boot = "10.0.2.17"
 
 [[hosts]]
 name = "beo-02"

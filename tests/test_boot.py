@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from qlimage import vm
+from qlimage.layout import Layout
 from qlimage.site import load_site
-from qlimage.tasks import Layout
+
+from conftest import qlimage
 
 pytestmark = [pytest.mark.boot, pytest.mark.network]
 
@@ -72,11 +76,35 @@ def test_node_refuses_a_corrupted_image(built_site: Path, tmp_path: Path) -> Non
     assert "init.qlustar started" not in log
 
 
+@contextlib.contextmanager
+def rescue_node(root: Path) -> Iterator[None]:
+    """A node whose boot config adds `early-shell`, for the length of one test."""
+    files = {root / "site.toml": RESCUE_BOOTCONFIG, root / "nodes.d/cluster.toml": RESCUE_HOST}
+    saved = {path: path.read_text() for path in files}
+    try:
+        for path, extra in files.items():
+            path.write_text(saved[path] + extra)
+        qlimage("-C", str(root), "build")
+        yield
+    finally:
+        for path, text in saved.items():
+            path.write_text(text)
+        qlimage("-C", str(root), "build")
+
+
+RESCUE_BOOTCONFIG = '\n[bootconfigs.rescue]\nimage = "demo"\nappend = "early-shell"\n'
+RESCUE_HOST = (
+    '\n[[hosts]]\nname = "rescue-01"\nmac = "52:54:00:aa:00:01"\nbootconfig = "rescue"\n'
+    'networks.boot = "10.0.2.40"\n'
+)
+
+
 def test_early_shell_stops_the_boot_at_init_qlustar(built_site: Path) -> None:
-    site = load_site(built_site)
-    result = vm.boot(
-        site, "beo-03", timeout=240, success=[r"qlustar: early-shell requested"], settle=8.0
-    )
+    with rescue_node(built_site):
+        site = load_site(built_site)
+        result = vm.boot(
+            site, "rescue-01", timeout=240, success=[r"qlustar: early-shell requested"], settle=8.0
+        )
     log = console_of(result)
     assert result.ok, f"{result.reason}\n{result.tail(60)}"
     assert "qlustar.pxecfg=rescue" in log and "early-shell" in log

@@ -27,7 +27,6 @@ OUTPUTS = [
     "pxelinux.cfg/compute",
     "pxelinux.cfg/fallback",
     "pxelinux.cfg/demo",
-    "pxelinux.cfg/rescue",
     "tftpboot/pxelinux.0",
     "tftpboot/ldlinux.c32",
 ]
@@ -51,7 +50,7 @@ def test_outputs_are_in_place(built_site: Path) -> None:
     links = {
         p.name: p.readlink().as_posix() for p in (boot / "pxelinux.cfg").iterdir() if p.is_symlink()
     }
-    assert links == {"0A00020F": "compute", "0A000210": "demo", "0A000211": "rescue"}
+    assert links == {"0A00020F": "compute", "0A000210": "demo"}
     assert (boot / "tftpboot/pxelinux.cfg").readlink().as_posix() == "../pxelinux.cfg"
     assert (boot / "tftpboot/qlustar").readlink().as_posix() == "../qlustar"
     modules = json.loads((boot / "qlustar/images/demo/current/modules.json").read_text())
