@@ -145,6 +145,31 @@ def test_changelogs_after_a_module_bump(site: Path, tmp_path: Path) -> None:
     history = (site / "bootfiles/qlustar/images/demo/history").read_text().split()
     assert len(history) == 2
 
+    # An admin who does not like the new image goes back to the previous generation.
+    out = qlimage("-C", str(site), "rollback", "demo").stdout
+    assert f"generation {history[0]} is current again" in out
+    current = site / "bootfiles/qlustar/images/demo/current"
+    assert current.readlink().as_posix() == history[0]
+    proc = qlimage("-C", str(site), "rollback", "demo", check=False)
+    assert proc.returncode == 2 and "no previous generation" in proc.stderr
+
+
+def test_preview_lists_files_and_diffs(site: Path, tmp_path: Path) -> None:
+    out = qlimage("-C", str(site), "preview", "beo-01").stdout
+    assert "0600 root:root /root/.ssh/authorized_keys" in out
+    assert "0640 daemon:daemon /etc/qlustar/secret" in out
+    assert "/lib/qlustar/init.d/10-first" in out
+    qlimage("-C", str(site), "build", "bundle")
+    published = site / "bootfiles/qlustar/nodes/52-54-00-12-34-56/bundle.json"
+    old = tmp_path / "old.json"
+    old.write_bytes(published.read_bytes())
+    (site / "rootfs/tweaks/etc/qlustar/secret").write_text("rotated\n")
+    diff = qlimage("-C", str(site), "preview", "beo-01", "--previous", str(old)).stdout
+    assert "/etc/qlustar/secret" in diff and "+rotated" in diff
+    qlimage("-C", str(site), "build", "bundle")
+    same = qlimage("-C", str(site), "preview", "beo-01", "--previous", str(published)).stdout
+    assert same.strip() == "no change"  # preview and the published bundle are one render
+
 
 def test_root_password_rules(site: Path, tmp_path: Path) -> None:
     build_images(site)
