@@ -46,9 +46,18 @@ def run_doit(site: Site, args: Sequence[str]) -> int:
 
 
 def cmd_validate(site: Site, args: argparse.Namespace) -> int:
+    from qlimage.bundle import render_bundle
     from qlimage.tasks import plan
 
     plan(site)  # resolves every image's modules: unknown modules fail here
+    problems = []
+    for host in site.hosts:  # a build renders only changed nodes; validate renders them all
+        try:
+            render_bundle(site, host)
+        except QlimageError as e:
+            problems += e.problems if isinstance(e, ConfigError) else [str(e)]
+    if problems:
+        raise ConfigError(problems)
     print(
         f"{site.name}: {len(site.images)} image(s), {len(site.hosts)} node(s), "
         f"{len(site.bootconfigs)} boot config(s): ok"

@@ -68,11 +68,12 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def serve(root: Path, port: int, overrides: Mapping[str, Path]) -> http.server.ThreadingHTTPServer:
-    """Serve `root` on every host address at `port` (QEMU's guest reaches it as the head)."""
+    """Serve `root` on the loopback address at `port`: QEMU's user network hands the guest's
+    connections to the head address to the host's loopback, and nobody else needs to see it."""
     handler = type("Handler", (QuietHandler,), {"overrides": dict(overrides)})
     try:
         server = http.server.ThreadingHTTPServer(
-            ("0.0.0.0", port), functools.partial(handler, directory=str(root))
+            ("127.0.0.1", port), functools.partial(handler, directory=str(root))
         )
     except OSError as e:
         raise QlimageError(
