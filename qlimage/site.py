@@ -40,6 +40,7 @@ DEFAULT_INITRD_MODULES = (
     "squashfs",
     "overlay",
     "loop",
+    "nfsv4",  # the UnionFS chroot
 )
 
 
@@ -91,6 +92,22 @@ class Image:
     def root_hash_file(self) -> Path:
         """The image's own root password hash (mode 0600); absent: the head's is used."""
         return self.source.with_name(f"{self.name}.rootpw")
+
+
+@dataclass(frozen=True)
+class Chroot:
+    """A UnionFS chroot: an NFS export the initrd mounts as the union's lowest layer."""
+
+    name: str
+    server: str
+    port: int
+    export: str
+    description: str
+
+    @property
+    def source(self) -> str:
+        """What the node mounts, as `/init` reads it: server, port and export path."""
+        return f"{self.server} {self.port} {self.export}"
 
 
 @dataclass(frozen=True)
@@ -167,6 +184,15 @@ class Site:
     keep_generations: int
     hosts: tuple[Host, ...] = field(default=())
     recipes: tuple[Recipe, ...] = field(default=())
+    chroots: Mapping[str, Chroot] = field(default_factory=lambda: MappingProxyType({}))
+
+    def host_chroot(self, host: Host) -> Chroot | None:
+        """The node's own chroot option overrides its image's chroot."""
+        name = (
+            host.options.get("chroot")
+            or self.images[self.bootconfigs[host.bootconfig].image].chroot
+        )
+        return self.chroots[name] if name else None
 
     @property
     def boot_network(self) -> Network:
@@ -341,13 +367,14 @@ def load_site(root: Path | str = ".") -> Site:
 
     paths = make_paths(root, raw.get("paths", {}))
     networks = make_networks(raw["networks"], problems)
-    images = load_images(paths, problems, checked)
+    chroots = load_chroots(paths, raw["head"]["address"], problems, checked)
+    images = load_images(paths, chroots, problems, checked)
     bootconfigs = make_bootconfigs(raw.get("bootconfigs", {}), images, problems)
     boot = raw.get("boot", {})
     default = boot.get("default")
     if default is not None and default not in bootconfigs:
         problems.append(f"{SITE_FILE}: .boot.default: unknown boot config {default!r}")
-    hosts = load_hosts(paths, networks, images, bootconfigs, problems, checked)
+    hosts = load_hosts(paths, networks, images, bootconfigs, chroots, problems, checked)
     recipes = load_recipes(paths, problems, checked)
     for bc in bootconfigs.values():
         if bc.image not in images:
@@ -405,6 +432,7 @@ def load_site(root: Path | str = ".") -> Site:
         keep_generations=raw.get("publish", {}).get("keep", 3),
         hosts=tuple(sorted(hosts, key=lambda h: h.name)),
         recipes=tuple(recipes),
+        chroots=MappingProxyType(chroots),
     )
 
 
@@ -466,7 +494,27 @@ def toml_files(directory: Path) -> Iterator[Path]:
         yield from sorted(p for p in directory.iterdir() if p.suffix == ".toml" and p.is_file())
 
 
-def load_images(paths: Paths, problems: list[str], checked: ValidationCache) -> dict[str, Image]:
+def load_chroots(
+    paths: Paths, head: str, problems: list[str], checked: ValidationCache
+) -> dict[str, Chroot]:
+    chroots: dict[str, Chroot] = {}
+    for path in sorted(paths.chroots.glob("*/chroot.toml")):
+        raw = checked.read(path, "chroot", rel(path, paths.root), problems)
+        if raw is not None:
+            name = path.parent.name
+            chroots[name] = Chroot(
+                name,
+                raw.get("server", head),
+                raw.get("port", 2049),
+                raw["export"],
+                raw.get("description", ""),
+            )
+    return chroots
+
+
+def load_images(
+    paths: Paths, chroots: Mapping[str, Chroot], problems: list[str], checked: ValidationCache
+) -> dict[str, Image]:
     images: dict[str, Image] = {}
     for path in toml_files(paths.images):
         where = rel(path, paths.root)
@@ -481,8 +529,11 @@ def load_images(paths: Paths, problems: list[str], checked: ValidationCache) -> 
             )
             continue
         chroot = raw.get("chroot") or None
-        if chroot is not None and not (paths.chroots / chroot).exists():
-            problems.append(f"{where}: .chroot: no chroot {chroot!r} under {paths.chroots}")
+        if chroot is not None and chroot not in chroots:
+            problems.append(
+                f"{where}: .chroot: no chroot {chroot!r} (no {chroot}/chroot.toml "
+                f"under {paths.chroots})"
+            )
         modules = ["core", *(m for m in raw["modules"] if m != "core")]
         images[name] = Image(
             name,
@@ -516,6 +567,7 @@ def load_hosts(
     networks: Mapping[str, Network],
     images: Mapping[str, Image],
     bootconfigs: Mapping[str, BootConfig],
+    chroots: Mapping[str, Chroot],
     problems: list[str],
     checked: ValidationCache,
 ) -> list[Host]:
@@ -569,7 +621,7 @@ def load_hosts(
                 problems.append(f"{at}.networks: no address on the boot network {boot_net.name!r}")
             bootconfig = host_bootconfig(h, images, bootconfigs, at, problems)
             options, sources = merge_options(h, optionsets, groups, at, problems)
-            check_options(options, sources, h, paths, at, problems)
+            check_options(options, sources, h, paths, chroots, at, problems)
             hosts.append(
                 Host(
                     h["name"],
@@ -657,6 +709,7 @@ def check_options(
     sources: Mapping[str, str],
     h: Mapping[str, Any],
     paths: Paths,
+    chroots: Mapping[str, Chroot],
     at: str,
     problems: list[str],
 ) -> None:
@@ -676,8 +729,8 @@ def check_options(
         if not (paths.rootfs / name).is_dir():
             bad("rootfs", f"no Root FS Customization config {name!r} under {paths.rootfs}")
     chroot = options.get("chroot")
-    if chroot is not None and not (paths.chroots / chroot).exists():
-        bad("chroot", f"no chroot {chroot!r} under {paths.chroots}")
+    if chroot is not None and chroot not in chroots:
+        bad("chroot", f"no chroot {chroot!r} (no {chroot}/chroot.toml under {paths.chroots})")
 
 
 def reserved_pxelinux_name(name: str) -> bool:

@@ -343,6 +343,17 @@ def write_bundle(site: Site, host: Host, target: Path) -> None:
     write_bytes(target, data)
     digest = hashlib.sha256(data).hexdigest()
     write_text(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n")
+    write_text(target.with_name(CHROOT_FILE), chroot_line(site, host))
+
+
+# The initrd reads this before it builds the union: overlayfs cannot gain a layer later, so a
+# node's chroot (its own option, else its image's) must be known then, not by the runner.
+CHROOT_FILE = "chroot"
+
+
+def chroot_line(site: Site, host: Host) -> str:
+    chroot = site.host_chroot(host)
+    return f"{chroot.name} {chroot.source}\n" if chroot else ""
 
 
 def task_bundles(site: Site) -> Iterator[Task]:
@@ -354,9 +365,11 @@ def task_bundles(site: Site) -> Iterator[Task]:
             "name": host.name,
             "doc": f"bundle of {host.name} ({host.mac})",
             "file_dep": [],
-            "targets": [str(target), str(target) + ".sha256"],
+            "targets": [str(target), str(target) + ".sha256", str(target.parent / CHROOT_FILE)],
             "actions": [(write_bundle, [site, host, target])],
-            "uptodate": [config_changed(bundle.bundle_inputs(site, host))],
+            "uptodate": [
+                config_changed(bundle.bundle_inputs(site, host) + chroot_line(site, host))
+            ],
         }
 
 

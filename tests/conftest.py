@@ -110,7 +110,9 @@ def write_rootfs_config(top: Path) -> None:
         (
             "20-second",
             "echo \"qlustar-test: secret $(stat -c '%U:%G %a' /etc/qlustar/secret)\""
-            " > /dev/console",
+            " > /dev/console\n"
+            "[ -e /opt/chroot-marker ] &&"
+            ' echo "qlustar-test: chroot says $(cat /opt/chroot-marker)" > /dev/console; true',
         ),
     ):
         path = initd / name
