@@ -512,6 +512,11 @@ def load_chroots(
     return chroots
 
 
+def missing_chroot(paths: Paths, chroots: Mapping[str, Chroot], name: str) -> bool:
+    """True when nothing defines the chroot (an invalid definition is reported by itself)."""
+    return name not in chroots and not (paths.chroots / name / "chroot.toml").exists()
+
+
 def load_images(
     paths: Paths, chroots: Mapping[str, Chroot], problems: list[str], checked: ValidationCache
 ) -> dict[str, Image]:
@@ -529,7 +534,7 @@ def load_images(
             )
             continue
         chroot = raw.get("chroot") or None
-        if chroot is not None and chroot not in chroots:
+        if chroot is not None and missing_chroot(paths, chroots, chroot):
             problems.append(
                 f"{where}: .chroot: no chroot {chroot!r} (no {chroot}/chroot.toml "
                 f"under {paths.chroots})"
@@ -729,7 +734,7 @@ def check_options(
         if not (paths.rootfs / name).is_dir():
             bad("rootfs", f"no Root FS Customization config {name!r} under {paths.rootfs}")
     chroot = options.get("chroot")
-    if chroot is not None and chroot not in chroots:
+    if chroot is not None and missing_chroot(paths, chroots, chroot):
         bad("chroot", f"no chroot {chroot!r} (no {chroot}/chroot.toml under {paths.chroots})")
 
 

@@ -244,6 +244,7 @@ def make_site(root: Path, *, extra_hosts: str = "", keys: tuple[str, ...] = ()) 
     write(root / "nodes.d/options.toml", optionsets)
     write(root / "nodes.d/hosts.toml", HOSTS_TOML + extra_hosts)
     (root / "chroots/hpc").mkdir(parents=True)
+    (root / "chroots/hpc/chroot.toml").write_text('export = "/srv/chroots/hpc"\n')
     make_rootfs(root / "rootfs")
     return root
 

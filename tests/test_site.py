@@ -386,10 +386,16 @@ def test_image_chroot_must_exist(site_factory: SiteFactory) -> None:
     with (root / "images.d/demo.toml").open("a") as f:
         f.write('chroot = "hpc"\n')
     assert only_problem(root) == (
-        f"images.d/demo.toml: .chroot: no chroot 'hpc' under {root.resolve() / 'chroots'}"
+        "images.d/demo.toml: .chroot: no chroot 'hpc' (no hpc/chroot.toml under "
+        f"{root.resolve() / 'chroots'})"
     )
     (root / "chroots/hpc").mkdir(parents=True)
-    assert load_site(root).images["demo"].chroot == "hpc"
+    (root / "chroots/hpc/chroot.toml").write_text('export = "/srv/hpc"\nport = 20049\n')
+    site = load_site(root)
+    assert site.images["demo"].chroot == "hpc"
+    assert site.chroots["hpc"].source == "10.0.2.2 20049 /srv/hpc"  # server: the head
+    (root / "chroots/hpc/chroot.toml").write_text('export = "srv/hpc"\n')
+    assert only_problem(root).startswith("chroots/hpc/chroot.toml: .export: 'srv/hpc' does not")
 
 
 def test_duplicate_image_name(site_factory: SiteFactory) -> None:
