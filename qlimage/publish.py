@@ -49,7 +49,9 @@ def content_name(paths: list[Path]) -> str:
 
 def fsync_tree(root: Path) -> None:
     """Make the files durable before the rename that makes them reachable."""
-    for path in [*root.iterdir(), root]:
+    for path in [*root.rglob("*"), root]:
+        if path.is_symlink():
+            continue
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -164,7 +164,7 @@ def task_modules(site: Site) -> Iterator[Task]:
             "doc": f"build {r.deb_name()} from Debian packages and modules/{r.module}/",
             "file_dep": [str(files)],
             "targets": [str(recipes.recipe_output(site, r))],
-            "actions": [(lambda r=r: recipes.build_module(site, r) and None, [])],
+            "actions": [(recipes.build_module, [site, r])],
             "uptodate": [
                 config_changed({"arch": site.archive.arch, "epoch": site.source_date_epoch})
             ],
