@@ -34,13 +34,14 @@ def load_site_or_exit(root: str | Path) -> Site:
     return exit_on_user_error(lambda: load_site(root))
 
 
-def run_doit(site: Site, args: Sequence[str]) -> int:
+def run_doit(site: Site, args: Sequence[str], tasks: dict[str, Any] | None = None) -> int:
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
 
     from qlimage.tasks import doit_config, site_tasks
 
-    tasks = site_tasks(site)  # resolves everything first: a bad site creates nothing
+    if tasks is None:
+        tasks = site_tasks(site)  # resolves everything first: a bad site creates nothing
     namespace = {"DOIT_CONFIG": doit_config(site), **tasks}
     return int(DoitMain(ModuleTaskLoader(namespace)).run(list(args)))
 
@@ -67,11 +68,12 @@ def cmd_validate(site: Site, args: argparse.Namespace) -> int:
 
 def cmd_build(site: Site, args: argparse.Namespace) -> int:
     from qlimage.publish import build_lock
-    from qlimage.tasks import plan
+    from qlimage.tasks import site_tasks
 
-    plan(site)  # an image that cannot be resolved fails before anything is created
+    # Planned before the lock: an image that cannot be resolved fails before anything exists.
+    tasks = site_tasks(site)
     with build_lock(site.paths.bootfiles, wait=not args.no_wait):
-        return run_doit(site, ["run", *args.doit_args])
+        return run_doit(site, ["run", *args.doit_args], tasks)
 
 
 def cmd_rollback(site: Site, args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qlimage.atomic import TMP_PREFIX, atomic_path
 from qlimage.errors import BuildError
+from qlimage.pool import read_control
 from qlimage.run import run
 from qlimage.site import Site
 from qlimage.trees import file_digest
@@ -58,9 +59,7 @@ def kernel_deb(site: Site) -> Path:
 
 def unpack_kernel(deb: Path, dest: Path) -> Kernel:
     """Unpack `deb` into `dest` (replaced atomically) and describe it in kernel.json."""
-    from debian.debfile import DebFile
-
-    control = DebFile(str(deb)).debcontrol()
+    control = read_control(deb)
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "unpack.", dir=dest.parent) as tmp:
         run(["dpkg-deb", "-x", deb, tmp])
         images = sorted(Path(tmp, "boot").glob("vmlinuz-*"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import stat
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from debian.debian_support import Version
 
+from qlimage.atomic import write_text
 from qlimage.errors import QlimageError
 
 PACKAGE_PREFIX = "qlustar-module-"
@@ -122,9 +122,7 @@ def save_control_cache(path: Path) -> None:
     try:
         if path.exists() and path.read_text() == text:
             return
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text(path, text)
     except OSError:
         pass  # only a speed-up
 

@@ -7,6 +7,7 @@ Like mkosi's config, nothing downstream re-reads or re-checks a site file: tasks
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from qlimage.atomic import write_text
 from qlimage.errors import ConfigError
 
 SITE_FILE = "site.toml"
@@ -298,12 +300,8 @@ class ValidationCache:
         # leaves no trace.
         if self.path is None or not self.changed or not self.path.parent.is_dir():
             return
-        try:
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.entries, sort_keys=True))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass  # only a speed-up
+        with contextlib.suppress(OSError):  # only a speed-up
+            write_text(self.path, json.dumps(self.entries, sort_keys=True))
 
 
 def validate(data: Any, schema_name: str, where: str) -> list[str]:
