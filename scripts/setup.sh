@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PACKAGES="python3 python3-venv squashfs-tools cpio dpkg-dev kmod gzip xz-utils zstd
   pxelinux syslinux-common syslinux-utils qemu-system-x86 ipxe-qemu gpgv debian-archive-keyring
   dnsmasq-base udpcast systemd ifupdown openssh-client diffoscope-minimal fdisk e2fsprogs
-  xfsprogs util-linux mount nfs-ganesha nfs-ganesha-vfs"
+  xfsprogs util-linux mount nfs-ganesha nfs-ganesha-vfs busybox-static"
 
 missing=""
 for p in $PACKAGES; do

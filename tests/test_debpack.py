@@ -154,7 +154,7 @@ def test_control_fields_in_given_order(tmp_path: Path) -> None:
 
 def test_root_owner_group(tmp_path: Path) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root to chown")
+        pytest.fail("needs root to chown (CI and the test command run as root)")
     tree = make_tree(tmp_path / "tree", TREE, mtime=EPOCH)
     os.chown(tree / "etc/hostname", 1234, 1234)
     plain = build_deb(tree, CONTROL, tmp_path / "plain.deb", source_date_epoch=EPOCH)

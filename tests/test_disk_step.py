@@ -25,7 +25,7 @@ pytestmark = pytest.mark.tools
 
 TOOLS = (
     "losetup", "sfdisk", "partx", "blkid", "lsblk", "findmnt", "mkfs.ext4", "mkswap", "mount",
-    "umount", "swapon", "swapoff",
+    "umount", "swapon", "swapoff", "mkfs.xfs",
 )  # fmt: skip
 HAS_XFS = shutil.which("mkfs.xfs") is not None
 # Sparse, so its size costs nothing; 512 MiB rather than 256 because mkfs.xfs (xfsprogs 6)

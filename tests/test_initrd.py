@@ -290,7 +290,7 @@ def build(output: Path, modules_dir: Path, mask: int) -> Path:
 @pytest.fixture
 def busybox() -> Path:
     if not BUSYBOX.is_file():
-        pytest.skip(f"{BUSYBOX} is not installed")
+        pytest.fail(f"{BUSYBOX} is not installed (apt-get install busybox; scripts/setup.sh does)")
     return BUSYBOX
 
 

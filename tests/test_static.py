@@ -16,7 +16,7 @@ TARGETS = ["qlimage", "tests", "dodo.py"]
 def tool(name: str) -> str:
     path = BIN / name
     if not path.exists():
-        pytest.skip(f"{name} is not installed in {BIN}")
+        pytest.fail(f"{name} is not installed in {BIN} (pip install -e '.[test]')")
     return str(path)
 
 
