@@ -6,8 +6,8 @@ Thin on purpose: the graph is built by qlimage.tasks from the validated site mod
 import sys
 
 from qlimage.cli import doit_runs_tasks, exit_on_user_error, load_site_or_exit
-from qlimage.publish import build_lock
-from qlimage.tasks import doit_config, site_tasks
+from qlimage.image.publish import build_lock
+from qlimage.tasks.graph import doit_config, site_tasks
 
 _site = load_site_or_exit(".")
 if doit_runs_tasks(sys.argv[1:]):

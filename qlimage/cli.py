@@ -38,7 +38,7 @@ def run_doit(site: Site, args: Sequence[str], tasks: dict[str, Any] | None = Non
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
 
-    from qlimage.tasks import doit_config, site_tasks
+    from qlimage.tasks.graph import doit_config, site_tasks
 
     if tasks is None:
         tasks = site_tasks(site)  # resolves everything first: a bad site creates nothing
@@ -47,8 +47,8 @@ def run_doit(site: Site, args: Sequence[str], tasks: dict[str, Any] | None = Non
 
 
 def cmd_validate(site: Site, args: argparse.Namespace) -> int:
-    from qlimage.bundle import render_bundle
-    from qlimage.tasks import plan
+    from qlimage.bundle.render import render_bundle
+    from qlimage.tasks.graph import plan
 
     plan(site)  # resolves every image's modules: unknown modules fail here
     problems = []
@@ -67,8 +67,8 @@ def cmd_validate(site: Site, args: argparse.Namespace) -> int:
 
 
 def cmd_build(site: Site, args: argparse.Namespace) -> int:
-    from qlimage.publish import build_lock
-    from qlimage.tasks import site_tasks
+    from qlimage.image.publish import build_lock
+    from qlimage.tasks.graph import site_tasks
 
     # Planned before the lock: an image that cannot be resolved fails before anything exists.
     tasks = site_tasks(site)
@@ -77,8 +77,8 @@ def cmd_build(site: Site, args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(site: Site, args: argparse.Namespace) -> int:
+    from qlimage.image.publish import build_lock, rollback
     from qlimage.layout import Layout
-    from qlimage.publish import build_lock, rollback
 
     if args.image not in site.images:
         raise QlimageError(
@@ -92,7 +92,7 @@ def cmd_rollback(site: Site, args: argparse.Namespace) -> int:
 
 
 def cmd_doit(site: Site, args: argparse.Namespace) -> int:
-    from qlimage.publish import build_lock
+    from qlimage.image.publish import build_lock
 
     if doit_runs_tasks(args.doit_args):
         with build_lock(site.paths.bootfiles):
@@ -110,7 +110,7 @@ def doit_runs_tasks(argv: Sequence[str]) -> bool:
 
 
 def cmd_vm(site: Site, args: argparse.Namespace) -> int:
-    from qlimage import vm
+    from qlimage.serve import vm
 
     def show(line: str) -> None:
         print(line, flush=True)
@@ -136,7 +136,7 @@ def cmd_vm(site: Site, args: argparse.Namespace) -> int:
 
 
 def cmd_preview(site: Site, args: argparse.Namespace) -> int:
-    from qlimage import bundle
+    from qlimage.bundle import render as bundle
 
     new = bundle.render_bundle(site, site.host(args.node))
     if args.previous is None:
@@ -180,7 +180,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("node")
     s.add_argument("--previous", metavar="BUNDLE", help="a previous bundle.json to diff against")
     s.set_defaults(func=cmd_preview)
-    from qlimage import apthook, repro
+    from qlimage.pool import apthook
+    from qlimage.tasks import repro
 
     apthook.register(sub)
     repro.register(sub)

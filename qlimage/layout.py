@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlimage import kernel, publish, pxe
+from qlimage.boot import pxelinux as pxe
+from qlimage.image import kernel, publish
 from qlimage.site import Host, Site
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from qlimage import apthook
-from qlimage.debpack import build_deb
+from qlimage.pool import apthook
+from qlimage.pool.debpack import build_deb
 from qlimage.errors import QlimageError
 from qlimage.site import load_site
 from qlimage.trees import manifest

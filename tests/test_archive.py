@@ -20,7 +20,7 @@ import pytest
 import requests
 from debian.debfile import DebFile
 
-from qlimage.archive import (
+from qlimage.pool.archive import (
     Archive,
     BinaryPackage,
     Source,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qlimage import vm
+from qlimage.serve import vm
 from qlimage.layout import Layout
 from qlimage.site import load_site
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from qlimage import bundle as qb
-from qlimage.bundle import Bundle, NodeFile
+from qlimage.bundle import render as qb
+from qlimage.bundle.render import Bundle, NodeFile
 from qlimage.errors import ConfigError, QlimageError
 from qlimage.site import Site, load_site
 
@@ -917,7 +917,7 @@ def test_goldens_cover_every_template(site: Site) -> None:
         "pam-slurm": "/etc/qlustar/options.d/pam-slurm",
         "authorized_keys": "/root/.ssh/authorized_keys",
     }
-    templates = Path(qb.__file__).parent / "templates" / "node"
+    templates = Path(qb.__file__).parent / "templates"
     assert sorted(p.name for p in templates.iterdir()) == sorted(f"{k}.j2" for k in kinds)
     assert set(kinds.values()) <= used
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from test_bundle import make_site, render
 
-from qlimage import bundle as qb
+from qlimage.bundle import render as qb
 from qlimage import noderunner
-from qlimage.bundle import Bundle
+from qlimage.bundle.render import Bundle
 from qlimage.site import Site, load_site
 
 SYSTEM_UNITS = Path("/lib/systemd/system")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qlimage.debpack import build_deb, format_control
+from qlimage.pool.debpack import build_deb, format_control
 from qlimage.errors import BuildError, QlimageError
 
 pytestmark = pytest.mark.tools

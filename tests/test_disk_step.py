@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from qlimage import noderunner
-from qlimage.bundle import disk_field
+from qlimage.bundle.render import disk_field
 from qlimage.noderunner import Reporter, run_command
 
 pytestmark = pytest.mark.tools

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qlimage.debpack import build_deb
+from qlimage.pool.debpack import build_deb
 
 from conftest import qlimage, write_site
 

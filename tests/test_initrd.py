@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qlimage import initrd
+from qlimage.image import initrd
 from qlimage.errors import BuildError, QlimageError
 from qlimage.trees import walk
 

@@ -37,7 +37,7 @@ from pyfakefs.fake_filesystem_unittest import Patcher
 from pyfakefs.helpers import set_gid, set_uid
 from test_bundle import make_site
 
-from qlimage import bundle as qb
+from qlimage.bundle import render as qb
 from qlimage import noderunner
 from qlimage.noderunner import (
     EXIT_OK,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from qlimage import pool as pool_mod
-from qlimage.debpack import build_deb
+from qlimage.pool import packages as pool_mod
+from qlimage.pool.debpack import build_deb
 from qlimage.errors import QlimageError
-from qlimage.pool import (
+from qlimage.pool.packages import (
     ModulePackage,
     module_changelog,
     module_files,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qlimage import pxe
+from qlimage.boot import pxelinux as pxe
 from qlimage.errors import ConfigError, ToolMissing
 from qlimage.site import BootConfig, Site, load_site
 

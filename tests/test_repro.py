@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qlimage import cli, repro
+from qlimage import cli
+
+from qlimage.tasks import repro
 from qlimage.errors import QlimageError
 from qlimage.site import load_site
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qlimage.errors import BuildError, QlimageError
-from qlimage.squashfs import make_squashfs, mksquashfs_command
+from qlimage.image.squashfs import make_squashfs, mksquashfs_command
 
 pytestmark = pytest.mark.tools
 

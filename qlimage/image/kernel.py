@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qlimage.atomic import TMP_PREFIX, atomic_path
 from qlimage.errors import BuildError
-from qlimage.pool import read_control
+from qlimage.pool.packages import read_control
 from qlimage.run import run
 from qlimage.site import Site
 from qlimage.trees import file_digest
@@ -40,7 +40,7 @@ def kernel_deb(site: Site) -> Path:
     """
     if site.kernel_deb is not None:
         return site.kernel_deb
-    from qlimage.mirror import open_archive  # the archive client pulls in requests
+    from qlimage.pool.mirror import open_archive  # the archive client pulls in requests
 
     archive = open_archive(site)
     pkg = archive.package(site.kernel_package)

@@ -332,7 +332,7 @@ class CopyPlan:
 
 
 def copy_plan(site: Site, *, also_skip: Iterable[Path] = ()) -> CopyPlan:
-    from qlimage import recipes
+    from qlimage.pool.packages import recipes
 
     root = site.paths.root
     skip = {r for p in (site.paths.bootfiles, *also_skip) if (r := inside(p, root))}
@@ -515,8 +515,8 @@ def package_digest() -> str:
 
 def output_roots(copy: Site) -> list[str]:
     """What a build produces that nodes or the pool consume, relative to the site directory."""
-    from qlimage import recipes
     from qlimage.layout import Layout
+    from qlimage.pool.packages import recipes
 
     layout = Layout(copy)
     roots = [layout.tftpboot, layout.pxelinux_cfg, layout.qlustar]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlimage.archive import Archive, Source, host_sources
+from qlimage.pool.archive import Archive, Source, host_sources
 from qlimage.site import Site
 
 

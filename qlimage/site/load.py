@@ -1,4 +1,4 @@
-"""The site model: every config file validated against its schema, then frozen, once.
+"""Loading the site: every config file validated against its schema, then frozen, once.
 
 Like mkosi's config, nothing downstream re-reads or re-checks a site file: tasks receive the
 `Site` object. Every problem of every file is collected first and reported together as
@@ -15,7 +15,6 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -24,6 +23,18 @@ from typing import Any
 
 from qlimage.atomic import write_text
 from qlimage.errors import ConfigError
+from qlimage.site.model import (
+    Archive,
+    BootConfig,
+    Chroot,
+    Host,
+    HostAddress,
+    Image,
+    Network,
+    Paths,
+    Recipe,
+    Site,
+)
 
 SITE_FILE = "site.toml"
 VALIDATION_CACHE = ".validated.json"
@@ -46,181 +57,9 @@ DEFAULT_INITRD_MODULES = (
 )
 
 
-@dataclass(frozen=True)
-class Network:
-    name: str
-    cidr: ipaddress.IPv4Network
-    gateway: str | None
-    mtu: int | None
-    boot: bool
-    suffix: str
-
-
-@dataclass(frozen=True)
-class HostAddress:
-    network: str
-    address: str
-    hostname: str
-    aliases: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Host:
-    name: str
-    mac: str  # lower case, colon separated
-    addresses: tuple[HostAddress, ...]
-    bootconfig: str
-    source: str  # the nodes.d file that defines it, for error messages
-    # Effective options: each kind from the last assignment that sets it (see merge_options).
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    # Where each option kind came from, e.g. {"mounts": "optionset compute (group rack1)"}.
-    option_sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-
-    def address_on(self, network: str) -> HostAddress | None:
-        return next((a for a in self.addresses if a.network == network), None)
-
-
-@dataclass(frozen=True)
-class Image:
-    name: str
-    flavor: str
-    version: str
-    modules: tuple[str, ...]  # "core" first, then as listed
-    chroot: str | None
-    description: str
-    source: Path
-
-    @property
-    def root_hash_file(self) -> Path:
-        """The image's own root password hash (mode 0600); absent: the head's is used."""
-        return self.source.with_name(f"{self.name}.rootpw")
-
-
-@dataclass(frozen=True)
-class Chroot:
-    """A UnionFS chroot: an NFS export the initrd mounts as the union's lowest layer."""
-
-    name: str
-    server: str
-    port: int
-    export: str
-    description: str
-
-    @property
-    def source(self) -> str:
-        """What the node mounts, as `/init` reads it: server, port and export path."""
-        return f"{self.server} {self.port} {self.export}"
-
-
-@dataclass(frozen=True)
-class BootConfig:
-    name: str
-    image: str
-    append: str
-    description: str
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How to build one image-module package from Debian packages plus our own files."""
-
-    module: str
-    flavor: str
-    version: str
-    description: str
-    packages: tuple[str, ...]
-    exclude: tuple[str, ...]
-    busybox_links: bool
-    directory: Path  # holds recipe.toml, optional files/ and changelog
-
-    @property
-    def package(self) -> str:
-        return f"qlustar-module-{self.module}-{self.flavor}"
-
-    def deb_name(self, arch: str = "amd64") -> str:
-        return f"{self.package}_{self.version}_{arch}.deb"
-
-
-@dataclass(frozen=True)
-class Archive:
-    sources: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]  # (uri, suites, components)
-    arch: str
-    index_max_age: float
-
-
-@dataclass(frozen=True)
-class Paths:
-    root: Path
-    bootfiles: Path
-    pool: Path
-    images: Path
-    nodes: Path
-    overlays: Path
-    rootfs: Path
-    chroots: Path
-    modules: Path
-    cache: Path
-
-
-@dataclass(frozen=True)
-class Site:
-    name: str
-    source_date_epoch: int
-    head_address: str
-    http_port: int
-    head_shadow: Path
-    paths: Paths
-    archive: Archive
-    kernel_package: str
-    kernel_deb: Path | None
-    initrd_modules: tuple[str, ...]
-    squashfs_compressor: str
-    squashfs_level: int | None
-    squashfs_block_size: int
-    networks: Mapping[str, Network]
-    images: Mapping[str, Image]
-    bootconfigs: Mapping[str, BootConfig]
-    default_bootconfig: str | None
-    serial: str
-    console: str
-    keep_generations: int
-    hosts: tuple[Host, ...] = field(default=())
-    recipes: tuple[Recipe, ...] = field(default=())
-    chroots: Mapping[str, Chroot] = field(default_factory=lambda: MappingProxyType({}))
-
-    def host_chroot(self, host: Host) -> Chroot | None:
-        """The node's own chroot option overrides its image's chroot."""
-        name = (
-            host.options.get("chroot")
-            or self.images[self.bootconfigs[host.bootconfig].image].chroot
-        )
-        return self.chroots[name] if name else None
-
-    @property
-    def boot_network(self) -> Network:
-        return next(n for n in self.networks.values() if n.boot)
-
-    @property
-    def http_base(self) -> str:
-        port = "" if self.http_port == 80 else f":{self.http_port}"
-        return f"http://{self.head_address}{port}"
-
-    def host(self, name: str) -> Host:
-        for host in self.hosts:
-            if host.name == name:
-                return host
-        known = ", ".join(h.name for h in self.hosts) or "none"
-        raise ConfigError([f"unknown node {name!r} (nodes in nodes.d: {known})"])
-
-    def boot_address(self, host: Host) -> str:
-        addr = host.address_on(self.boot_network.name)
-        assert addr is not None  # checked when the site was loaded
-        return addr.address
-
-
 @cache
 def schema(name: str) -> dict[str, Any]:
-    text = resources.files("qlimage").joinpath(f"schemas/{name}.schema.json").read_text()
+    text = resources.files("qlimage.site").joinpath(f"schemas/{name}.schema.json").read_text()
     return json.loads(text)
 
 

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import qlimage
-from qlimage import publish
 from qlimage.atomic import TMP_PREFIX, write_text
 from qlimage.errors import QlimageError
-from qlimage.pool import PACKAGE_PREFIX, ModulePackage, module_from_control, read_control
+from qlimage.image import publish
+from qlimage.pool.packages import PACKAGE_PREFIX, ModulePackage, module_from_control, read_control
 from qlimage.site import Site
 
 SNIPPET = "80qlimage"

@@ -8,8 +8,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-import jinja2
-
+from qlimage import templates
 from qlimage.atomic import atomic_path, symlink, write_text
 from qlimage.errors import ToolMissing
 from qlimage.site import BootConfig, Site
@@ -21,12 +20,6 @@ KERNEL_PATH = "qlustar/boot/current/vmlinuz"
 INITRD_PATH = "qlustar/boot/current/initrd.img"
 HOSTS_INDEX = ".hosts"
 
-_env = jinja2.Environment(
-    loader=jinja2.PackageLoader("qlimage", "templates"),
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-    autoescape=False,
-)
 
 
 def hostid(address: str) -> str:
@@ -54,8 +47,9 @@ def kernel_command_line(site: Site, bootconfig: BootConfig, config_name: str) ->
 
 def render_config(site: Site, bootconfig: BootConfig | None, config_name: str) -> str:
     if bootconfig is None:
-        return _env.get_template("pxelinux-unregistered.cfg.j2").render(serial=site.serial)
-    return _env.get_template("pxelinux.cfg.j2").render(
+        return templates.render("boot/pxelinux-unregistered.cfg.j2", serial=site.serial)
+    return templates.render(
+        "boot/pxelinux.cfg.j2",
         serial=site.serial,
         config_name=config_name,
         bootconfig=bootconfig,

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from qlimage import changelogs, overlays, rootpw
 from qlimage.atomic import atomic_path, write_text
-from qlimage.pool import ModulePackage
+from qlimage.image import changelogs, overlays, rootpw
+from qlimage.pool.packages import ModulePackage
 from qlimage.run import run
 from qlimage.site import Image, Site
 from qlimage.trees import manifest

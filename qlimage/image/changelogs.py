@@ -20,8 +20,8 @@ from pathlib import Path
 from debian.debian_support import Version
 
 from qlimage.atomic import write_text
-from qlimage.pool import ModulePackage, module_changelog
-from qlimage.recipes import PACKAGES_LIST
+from qlimage.pool.packages import ModulePackage, module_changelog
+from qlimage.pool.recipes import PACKAGES_LIST
 from qlimage.trees import manifest
 
 DOC_DIR = "usr/share/doc/qlustar-image"

@@ -22,23 +22,14 @@ from typing import Any
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from qlimage import (
-    bundle,
-    changelogs,
-    initrd,
-    kernel,
-    overlays,
-    publish,
-    pxe,
-    recipes,
-    rootpw,
-    squashfs,
-    stage,
-)
 from qlimage.atomic import TMP_PREFIX, write_bytes, write_text
+from qlimage.boot import pxelinux as pxe
+from qlimage.bundle import render as bundle
 from qlimage.errors import QlimageError
+from qlimage.image import changelogs, initrd, kernel, overlays, publish, rootpw, squashfs, stage
 from qlimage.layout import Layout
-from qlimage.pool import (
+from qlimage.pool import recipes
+from qlimage.pool.packages import (
     ModulePackage,
     load_control_cache,
     resolve,
@@ -192,7 +183,7 @@ def task_initrd(site: Site) -> Task:
 
     def build(gen: Path) -> list[Path]:
         k = kernel.read_kernel(layout.kernel_dir)
-        from qlimage.mirror import fetch_package
+        from qlimage.pool.mirror import fetch_package
 
         busybox_deb = fetch_package(site, "busybox-static")
         with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=layout.bootfiles) as tmp:

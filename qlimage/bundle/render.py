@@ -59,11 +59,11 @@ import shlex
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from qlimage import templates
 from qlimage.errors import ConfigError, QlimageError
 from qlimage.site import Host, Image, Network, Site
 from qlimage.trees import walk
@@ -132,26 +132,8 @@ class Bundle:
 # Templates
 
 
-@functools.cache
-def _environment() -> Any:
-    # Built on first render: a no-op build only fingerprints bundles, it renders none.
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("qlimage", "templates"),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["sh"] = lambda value: shlex.quote(str(value))
-    env.filters["unit"] = lambda value: str(value).replace("%", "%%")  # systemd specifiers
-    return env
-
-
 def _render(template: str, **context: Any) -> str:
-    return str(_environment().get_template(f"node/{template}.j2").render(**context))
+    return templates.render(f"bundle/{template}.j2", **context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,9 +674,7 @@ def bundle_json(bundle: Bundle) -> bytes:
 def _code_digest() -> str:
     """This module and its templates: a change to either may change every bundle."""
     h = hashlib.sha256(Path(__file__).read_bytes())
-    templates = resources.files("qlimage").joinpath("templates/node")
-    for entry in sorted(templates.iterdir(), key=lambda t: t.name):
-        h.update(entry.name.encode() + b"\0" + entry.read_bytes() + b"\0")
+    h.update(templates.digest("bundle").encode())
     return h.hexdigest()
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlimage.atomic import TMP_PREFIX
-from qlimage.debpack import build_deb
 from qlimage.errors import BuildError
+from qlimage.pool.debpack import build_deb
 from qlimage.run import run
 from qlimage.site import Recipe, Site
 from qlimage.trees import walk
 
 if TYPE_CHECKING:
-    from qlimage.archive import BinaryPackage
+    from qlimage.pool.archive import BinaryPackage
 
 PACKAGES_LIST = "usr/share/qlustar/modules/{module}.packages"
 
@@ -99,7 +99,7 @@ def write_packages_list(recipe: Recipe, debs: list[tuple[BinaryPackage, Path]], 
 
 def build_module(site: Site, recipe: Recipe) -> Path:
     """Fetch the recipe's packages (cached, SHA256-checked) and build the module .deb."""
-    from qlimage.mirror import open_archive  # the archive client pulls in requests
+    from qlimage.pool.mirror import open_archive  # the archive client pulls in requests
 
     archive = open_archive(site)
     closure = archive.closure(recipe.packages, exclude=recipe.exclude)

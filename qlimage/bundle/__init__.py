@@ -1,0 +1,1 @@
+"""What each node receives: rendered option kinds, the bundle document, preview and diff; templates/."""

@@ -1,0 +1,1 @@
+"""One image: staging (modules, overlays, root password, changelogs), squashfs, kernel, initrd, publishing."""

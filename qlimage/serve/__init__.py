@@ -1,0 +1,1 @@
+"""Long-running head services: the QEMU harness today; HTTP, dnsmasq and multicast next."""

@@ -1,0 +1,16 @@
+"""Site files -> one validated, frozen model (`model`), loaded by `load`; schemas in schemas/."""
+
+from qlimage.site.load import load_site
+from qlimage.site.model import BootConfig, Chroot, Host, HostAddress, Image, Network, Recipe, Site
+
+__all__ = [
+    "BootConfig",
+    "Chroot",
+    "Host",
+    "HostAddress",
+    "Image",
+    "Network",
+    "Recipe",
+    "Site",
+    "load_site",
+]
