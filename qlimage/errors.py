@@ -39,5 +39,9 @@ class BuildError(QlimageError):
     """A build step failed (an external command returned non-zero, a checksum did not match)."""
 
 
+class CommandTimeout(BuildError):
+    """An external command ran longer than its time limit and was killed."""
+
+
 def die(message: str, hint: str | None = None) -> NoReturn:
     raise QlimageError(message, hint=hint)

@@ -1,70 +1,103 @@
-"""Where every output of a site lives below bootfiles/ (the paths nodes fetch are in pxe.py).
+"""The one map of bootfiles/: every output and every hidden state file of a site.
 
-tftpboot/                      pxelinux.0, ldlinux.c32, links pxelinux.cfg and qlustar
-pxelinux.cfg/                  default, one file per boot config, HOSTID links, .hosts
-qlustar/boot/<gen>/            vmlinuz + initrd.img; `current` link and `history`
-qlustar/images/<image>/<gen>/  <image>.img, .sha256, modules.json, state/; `current`, `history`
-qlustar/nodes/<mac>/           bundle.json + .sha256 for the node runner
-kernel/, stage/, manifests/, cache/   intermediate trees and doit's view of source trees
+No other module spells a path below bootfiles/; the names a node fetches come from
+`qlimage.contract`, so the map and the node cannot disagree.
+
+    tftpboot/                        pxelinux.0, ldlinux.c32; links pxelinux.cfg and qlustar
+    pxelinux.cfg/                    default, one file per boot config, HOSTID links, .hosts
+    qlustar/boot/<gen>/              vmlinuz + initrd.img; `current` link and `history`
+    qlustar/images/<image>/<gen>/    <image>.img, .sha256, modules.json; `current`, `history`
+    qlustar/nodes/<mac>/             bundle.json + .sha256, chroot: what the runner fetches
+    kernel/                          the unpacked kernel package and kernel.json
+    stage/<image>/, <image>.manifest the staged root tree of each image
+    manifests/                       doit's view of source trees (modules, overlays)
+    cache/modules/                   unpacked module packages, by package and version
+    .build.lock, .build.running      the build lock; the marker a killed build leaves behind
+    .validated.json                  site files that passed their schema (validation cache)
+    .pool-control.json               control data of the pool's .debs (pool cache)
+    .doit-state.json                 doit's dependency state
+    .apt-hook-pending                the apt hook changed the pool; images not rebuilt yet
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from qlimage.boot import pxelinux as pxe
-from qlimage.image import kernel, publish
-from qlimage.site import Host, Site
+from qlimage import contract
+from qlimage.site.model import Host, Site
+
+# Hidden state files directly below bootfiles/.
+LOCK = ".build.lock"
+RUNNING = ".build.running"
+VALIDATION_CACHE = ".validated.json"
+POOL_CACHE = ".pool-control.json"
+DOIT_STATE = ".doit-state.json"
+APT_HOOK_MARKER = ".apt-hook-pending"
+KERNEL_INFO = "kernel.json"
 
 
 class Layout:
-    """Where every output of a site lives (the paths nodes fetch are in pxe.py)."""
+    """Where every output of a site lives; built from a site or from its bootfiles path."""
 
-    def __init__(self, site: Site) -> None:
-        b = site.paths.bootfiles
+    def __init__(self, site: Site | Path) -> None:
+        b = site if isinstance(site, Path) else site.paths.bootfiles
         self.bootfiles = b
         self.tftpboot = b / "tftpboot"
         self.pxelinux_cfg = b / "pxelinux.cfg"
-        self.qlustar = b / "qlustar"
+        self.qlustar = b / contract.QLUSTAR_DIR
         self.kernel_dir = b / "kernel"
-        self.kernel_info = b / "kernel" / kernel.INFO
-        self.boot = self.qlustar / "boot"
-        self.boot_current = self.boot / publish.CURRENT
+        self.kernel_info = self.kernel_dir / KERNEL_INFO
+        self.boot = self.qlustar / contract.BOOT_DIR
+        self.boot_current = self.boot / contract.CURRENT
         self.manifests = b / "manifests"
+        self.module_cache = b / "cache" / "modules"
+        self.lock = b / LOCK
+        self.running = b / RUNNING
+        self.validation_cache = b / VALIDATION_CACHE
+        self.pool_cache = b / POOL_CACHE
+        self.doit_state = b / DOIT_STATE
+        self.apt_hook_marker = b / APT_HOOK_MARKER
 
     @property
     def vmlinuz(self) -> Path:
-        return self.boot_current / "vmlinuz"
+        return self.boot_current / contract.KERNEL_FILE
 
     @property
     def initrd(self) -> Path:
-        return self.boot_current / "initrd.img"
+        return self.boot_current / contract.INITRD_FILE
 
     def image_root(self, name: str) -> Path:
         """The image's generations, `current`, `history`."""
-        return self.qlustar / pxe.image_path(name)
+        return self.qlustar / contract.image_path(name)
 
     def image_current(self, name: str) -> Path:
-        return self.image_root(name) / publish.CURRENT
+        return self.image_root(name) / contract.CURRENT
 
     def image(self, name: str) -> Path:
-        return self.image_current(name) / f"{name}.img"
+        return self.image_current(name) / contract.image_file(name)
 
     def image_sum(self, name: str) -> Path:
-        return self.image_current(name) / f"{name}.img.sha256"
+        return self.image_current(name) / contract.image_sum_file(name)
 
     def image_modules(self, name: str) -> Path:
-        return self.image_current(name) / "modules.json"
+        return self.image_current(name) / contract.MODULES_JSON
+
+    def nodes(self) -> Path:
+        return self.qlustar / contract.NODES_DIR
 
     def node_dir(self, host: Host) -> Path:
         """Where a node's bundle is published; the runner asks for it by the boot NIC's MAC."""
-        return self.qlustar / "nodes" / host.mac.replace(":", "-")
+        return self.qlustar / contract.node_dir(host.mac)
 
     def bundle(self, host: Host) -> Path:
-        return self.node_dir(host) / "bundle.json"
+        return self.node_dir(host) / contract.BUNDLE_FILE
 
     def stage(self, name: str) -> Path:
         return self.bootfiles / "stage" / name
 
     def stage_manifest(self, name: str) -> Path:
         return self.bootfiles / "stage" / f"{name}.manifest"
+
+    def module_tree(self, package: str, version: str) -> Path:
+        """An unpacked module package, shared by every image that uses it."""
+        return self.module_cache / f"{package}_{version}"

@@ -1,26 +1,66 @@
-"""The one subprocess wrapper: list-form commands, a missing tool names its Debian package."""
+"""Every external program the head runs goes through here (model: mkosi's `mkosi/run.py`).
+
+`run()` is for short commands: `spawn()` plus `communicate()`, with an optional time limit.
+`spawn()` is for long-running programs (QEMU; dnsmasq, nginx, udp-sender): a context manager
+yielding the process that always stops and reaps it, and its whole process group, on the way out,
+exceptions and Ctrl-C included.
+
+Both look the tool up first (a missing one names its Debian package), never use a shell, start
+the child in a session of its own (so that everything it starts can be stopped with it) and set
+LC_ALL=C.UTF-8, so that the tool messages we parse and show do not depend on the admin's locale.
+A failure's message carries the full command line and the last lines of the tool's stderr.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import shutil
+import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
 
-from qlimage.errors import BuildError, ToolMissing
+from qlimage.errors import BuildError, CommandTimeout, ToolMissing
+
+# Where a child's stdin, stdout or stderr goes, as in subprocess (re-exported here so that no
+# other module needs subprocess): PIPE, DEVNULL, STDOUT (stderr only), an open file, or None
+# (inherited from us).
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+STDOUT = subprocess.STDOUT
+Stream = int | IO[Any] | None
+Command = Sequence[str | os.PathLike[str]]
+
+LOCALE = "C.UTF-8"
+STDERR_LINES = 5  # how many of the last stderr lines an error shows
+STDERR_LINE_CHARS = 400  # ... each cut to this length
+COMMAND_CHARS = 1000  # a longer command line is shown shortened in the middle
+GRACE = 5.0  # seconds between SIGTERM and SIGKILL when a child is stopped
 
 # Which Debian package provides each external program we call, so that a missing tool
-# tells the admin exactly what to install.
+# tells the admin exactly what to install. The head calls: cp, cpio, depmod, diffoscope,
+# dpkg-deb, faketime, gpgv, gzip, mksquashfs, qemu-system-x86_64; the rest are the node-side and
+# test tools and the daemons to come.
 DEBIAN_PACKAGE = {
     "mksquashfs": "squashfs-tools",
     "unsquashfs": "squashfs-tools",
     "cpio": "cpio",
+    "gzip": "gzip",
+    "cp": "coreutils",
+    "env": "coreutils",
+    "depmod": "kmod",
+    "modinfo": "kmod",
     "dpkg-deb": "dpkg",
     "dpkg": "dpkg",
     "apt-get": "apt",
+    "busybox": "busybox-static",
     "qemu-system-x86_64": "qemu-system-x86",
     "dnsmasq": "dnsmasq-base",
+    "nginx": "nginx",
     "udp-sender": "udpcast",
     "udp-receiver": "udpcast",
     "gethostip": "syslinux-utils",
@@ -28,7 +68,8 @@ DEBIAN_PACKAGE = {
     "systemd-escape": "systemd",
     "ifquery": "ifupdown",
     "ssh-keygen": "openssh-client",
-    "diffoscope": "diffoscope",
+    "diffoscope": "diffoscope-minimal",
+    "faketime": "faketime",
     "zstd": "zstd",
     "xz": "xz-utils",
     "gpgv": "gpgv",
@@ -43,34 +84,224 @@ def find_tool(name: str) -> str:
     return path
 
 
-def run(
-    cmd: Sequence[str | os.PathLike[str]],
+def resolve(cmd: Command) -> list[str]:
+    """`cmd` as strings, its program looked up on PATH (and /usr/sbin, /sbin) unless a path."""
+    argv = [os.fspath(c) for c in cmd]
+    if not argv:
+        raise ValueError("empty command")
+    if "/" not in argv[0]:
+        argv[0] = find_tool(argv[0])
+    return argv
+
+
+def child_env(env: Mapping[str, str] | None, unset: Sequence[str]) -> dict[str, str]:
+    """Our environment, plus `env`, minus `unset`, and always LC_ALL=C.UTF-8."""
+    full = dict(os.environ)
+    full.update(env or {})
+    for name in unset:
+        full.pop(name, None)
+    full["LC_ALL"] = LOCALE
+    return full
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command as a shell would take it, cut in the middle when it is huge."""
+    line = shlex.join(argv)
+    if len(line) <= COMMAND_CHARS:
+        return line
+    head, tail = COMMAND_CHARS * 3 // 4, COMMAND_CHARS // 4
+    return f"{line[:head]} ...[{len(line) - head - tail} characters]... {line[-tail:]}"
+
+
+def stderr_tail(stderr: bytes | None, lines: int = STDERR_LINES) -> list[str]:
+    """The last `lines` non-blank lines of `stderr`, each cut to a readable length."""
+    if not stderr:
+        return []
+    text = stderr.decode(errors="replace").replace("\r", "\n")
+    kept = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
+    return [
+        line if len(line) <= STDERR_LINE_CHARS else line[:STDERR_LINE_CHARS] + " ..."
+        for line in kept
+    ]
+
+
+def failure_details(argv: Sequence[str], stderr: bytes | None, *, all_lines: bool) -> str:
+    """The indented lines after an error's first line: the command, then the stderr tail
+    (`all_lines` False: only when there is more than the one line the first line shows)."""
+    details = [f"  command: {command_line(argv)}"]
+    tail = stderr_tail(stderr)
+    if tail and (all_lines or len(tail) > 1):
+        details += ["  stderr:", *(f"    {line}" for line in tail)]
+    return "\n".join(details)
+
+
+def status_text(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"{returncode} ({signal.Signals(-returncode).name})"
+    return str(returncode)
+
+
+def failure_message(argv: Sequence[str], returncode: int, stderr: bytes | None) -> str:
+    """`<tool> failed with status N: <last stderr line>`, then the command and stderr tail."""
+    tail = stderr_tail(stderr)
+    last = tail[-1].strip() if tail else "no error output"
+    first = f"{Path(argv[0]).name} failed with status {status_text(returncode)}: {last}"
+    return f"{first}\n{failure_details(argv, stderr, all_lines=False)}"
+
+
+def start_error(argv: Sequence[str], cwd: str | os.PathLike[str] | None, e: OSError) -> Exception:
+    """What a failed start means: no such program, an unusable one or a bad working directory."""
+    if cwd is not None and e.filename is not None and os.fspath(e.filename) == os.fspath(cwd):
+        return BuildError(f"cannot run {command_line(argv)}: {cwd}: {e.strerror}")
+    name = Path(argv[0]).name
+    if isinstance(e, FileNotFoundError):
+        package = DEBIAN_PACKAGE.get(name)
+        return ToolMissing(
+            f"{argv[0]}: not found", hint=f"apt-get install {package}" if package else None
+        )
+    return BuildError(f"cannot run {argv[0]}: {e.strerror}\n  command: {command_line(argv)}")
+
+
+def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send `sig` to the child's process group (it leads one: start_new_session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+    if proc.returncode is None:  # not reaped yet: make sure the leader itself got it
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live (not zombie) process is left in process group `pgid`.
+
+    Orphans are reaped by PID 1, which in containers may never happen: a zombie counts as gone.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] not in "ZX" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = GRACE) -> None:
+    """Stop the child and its process group and reap the child: SIGTERM, and SIGKILL for
+    whatever is still alive after `grace` seconds (at once on a second Ctrl-C)."""
+    deadline = time.monotonic() + grace
+    try:
+        signal_group(proc, signal.SIGTERM)
+        while time.monotonic() < deadline:
+            proc.poll()
+            if proc.returncode is not None and not group_alive(proc.pid):
+                break
+            time.sleep(0.02)
+    finally:
+        signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def spawn(
+    cmd: Command,
     *,
-    cwd: Path | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    unset: Sequence[str] = (),
+    stdin: Stream = DEVNULL,
+    stdout: Stream = None,
+    stderr: Stream = None,
+    umask: int = -1,
+    grace: float = GRACE,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start `cmd` (never through a shell) in a new session and yield the process; on the way
+    out, however it is left, stop it and its process group (SIGTERM, SIGKILL after `grace`
+    seconds), reap it and close its pipes."""
+    argv = resolve(cmd)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=child_env(env, unset),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            umask=umask,
+            start_new_session=True,
+        )
+    except OSError as e:
+        raise start_error(argv, cwd, e) from e
+    try:
+        yield proc
+    finally:
+        try:
+            stop(proc, grace)
+        finally:
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+
+
+def run(
+    cmd: Command,
+    *,
+    cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     unset: Sequence[str] = (),
     input: bytes | None = None,
     capture: bool = False,
     check: bool = True,
+    timeout: float | None = None,
+    stdout: Stream = None,
+    stderr: Stream = PIPE,
+    umask: int = -1,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run `cmd` (never through a shell). Failures raise BuildError with the tool's stderr."""
-    argv = [str(c) for c in cmd]
-    argv[0] = find_tool(argv[0]) if "/" not in argv[0] else argv[0]
-    full_env = dict(os.environ)
-    if env:
-        full_env.update(env)
-    for name in unset:
-        full_env.pop(name, None)
-    proc = subprocess.run(
+    """Run `cmd` (never through a shell) to its end and return its status and output.
+
+    stdin is `input` (else /dev/null); stdout is returned with `capture`, else goes to `stdout`
+    (default: ours); stderr is captured for the error message unless `stderr` sends it
+    elsewhere. With `check`, a non-zero status raises BuildError. After `timeout` seconds the
+    command and its process group are killed and CommandTimeout (a BuildError) is raised.
+    """
+    if capture:
+        if stdout is not None:
+            raise ValueError("capture and stdout are exclusive")
+        stdout = PIPE
+    argv = resolve(cmd)
+    with spawn(
         argv,
         cwd=cwd,
-        env=full_env,
-        input=input,
-        stdout=subprocess.PIPE if capture else None,
-        stderr=subprocess.PIPE,
-    )
+        env=env,
+        unset=unset,
+        stdin=DEVNULL if input is None else PIPE,
+        stdout=stdout,
+        stderr=stderr,
+        umask=umask,
+    ) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            err = None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                err = proc.communicate(timeout=GRACE)[1]
+            raise CommandTimeout(
+                f"{Path(argv[0]).name} timed out after {timeout:g} s and was killed\n"
+                + failure_details(argv, err, all_lines=True)
+            ) from None
     if check and proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip().splitlines()
-        tail = err[-1] if err else "no error output"
-        raise BuildError(f"{Path(argv[0]).name} failed with status {proc.returncode}: {tail}")
-    return proc
+        raise BuildError(failure_message(argv, proc.returncode, err))
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)

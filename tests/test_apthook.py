@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from qlimage.errors import QlimageError
 from qlimage.pool import apthook
 from qlimage.pool.debpack import build_deb
-from qlimage.errors import QlimageError
 from qlimage.site import load_site
 from qlimage.trees import manifest
 
-from conftest import QLIMAGE, REPO, qlimage
+from helpers import QLIMAGE, REPO, qlimage
 
 pytestmark = pytest.mark.tools
 
@@ -113,7 +113,7 @@ class HookSite:
 
     @property
     def marker(self) -> Path:
-        return self.bootfiles / apthook.MARKER
+        return Layout(self.bootfiles).apt_hook_marker
 
     def image_root(self, image: str) -> Path:
         return self.bootfiles / "qlustar/images" / image

@@ -20,6 +20,7 @@ import pytest
 import requests
 from debian.debfile import DebFile
 
+from qlimage.errors import QlimageError
 from qlimage.pool.archive import (
     Archive,
     BinaryPackage,
@@ -27,12 +28,9 @@ from qlimage.pool.archive import (
     host_sources,
     relation_names,
 )
-from qlimage.errors import QlimageError
 
-# dpkg-deb is essential on Debian and installed by scripts/setup.sh: these tests need it.
-needs_dpkg_deb = pytest.mark.tools
-
-# suite -> control stanzas; every stanza becomes a real .deb built with dpkg-deb.
+# suite -> control stanzas; every stanza becomes a real .deb built with dpkg-deb (essential on
+# Debian, installed by scripts/setup.sh): the tests that use this repository are marked `tools`.
 REPO: dict[str, list[dict[str, str]]] = {
     "stable": [
         {
@@ -234,6 +232,7 @@ def names(packages: list[BinaryPackage]) -> list[str]:
 # ------------------------------------------------------------------------ package()
 
 
+@pytest.mark.tools
 def test_package_picks_newest_version_by_debian_ordering(archive: Archive) -> None:
     pkg = archive.package("libfoo")
     assert pkg.version == "1:2.0-1"
@@ -243,6 +242,7 @@ def test_package_picks_newest_version_by_debian_ordering(archive: Archive) -> No
     assert pkg.url == f"{pkg.uri}/{pkg.filename}"
 
 
+@pytest.mark.tools
 def test_package_fields(archive: Archive) -> None:
     app = archive.package("app")
     assert app.pre_depends == "base"
@@ -253,6 +253,7 @@ def test_package_fields(archive: Archive) -> None:
     assert archive.package("python3").architecture == "all"
 
 
+@pytest.mark.tools
 def test_unknown_package_names_it_and_the_suites(archive: Archive) -> None:
     with pytest.raises(QlimageError) as err:
         archive.package("no-such-package")
@@ -261,6 +262,7 @@ def test_unknown_package_names_it_and_the_suites(archive: Archive) -> None:
     assert "stable (main)" in message and "stable-updates (main)" in message
 
 
+@pytest.mark.tools
 def test_virtual_package_hint_names_providers(archive: Archive) -> None:
     with pytest.raises(QlimageError) as err:
         archive.package("mail-transport-agent")
@@ -275,6 +277,7 @@ def test_relation_names_drop_versions_and_arch_qualifiers() -> None:
     assert relation_names("") == []
 
 
+@pytest.mark.tools
 def test_closure_follows_alternatives_provides_and_cycles(archive: Archive) -> None:
     result = archive.closure(["app"])
     # libfoo is the first real alternative (libalt is not taken); the cycle libfoo -> app ends;
@@ -283,14 +286,17 @@ def test_closure_follows_alternatives_provides_and_cycles(archive: Archive) -> N
     assert next(p for p in result if p.name == "libfoo").version == "1:2.0-1"
 
 
+@pytest.mark.tools
 def test_closure_keeps_an_explicitly_requested_provider(archive: Archive) -> None:
     assert "exim-lite" not in names(archive.closure(["app", "postfix-lite"]))
 
 
+@pytest.mark.tools
 def test_closure_is_deterministic(archive: Archive) -> None:
     assert archive.closure(["python3", "app"]) == archive.closure(["app", "python3", "app"])
 
 
+@pytest.mark.tools
 def test_closure_exclude_is_neither_returned_nor_followed(archive: Archive) -> None:
     result = archive.closure(["app"], exclude=["libfoo", "base", "mail-transport-agent"])
     # libfoo excluded: libc-stub (only its dependency) is not followed and libalt not pulled
@@ -298,6 +304,7 @@ def test_closure_exclude_is_neither_returned_nor_followed(archive: Archive) -> N
     assert names(result) == ["app", "python3"]
 
 
+@pytest.mark.tools
 def test_closure_exclude_of_a_provider_satisfies_the_virtual(archive: Archive) -> None:
     assert names(archive.closure(["app"], exclude=["postfix-lite"])) == [
         "app",
@@ -308,11 +315,13 @@ def test_closure_exclude_of_a_provider_satisfies_the_virtual(archive: Archive) -
     ]
 
 
+@pytest.mark.tools
 def test_closure_unsatisfiable_dependency(archive: Archive) -> None:
     with pytest.raises(QlimageError, match=r"broken 1\.0: dependency 'does-not-exist \| nor-this'"):
         archive.closure(["broken"])
 
 
+@pytest.mark.tools
 def test_closure_unknown_requested_name(archive: Archive) -> None:
     with pytest.raises(QlimageError, match="nothing-like-this"):
         archive.closure(["app", "nothing-like-this"])
@@ -321,6 +330,7 @@ def test_closure_unknown_requested_name(archive: Archive) -> None:
 # ------------------------------------------------------------------------ download()
 
 
+@pytest.mark.tools
 def test_download_verifies_and_reuses_the_cache(repo_server: Server, archive: Archive) -> None:
     pkg = archive.package("libfoo")
     path = archive.download(pkg)
@@ -332,6 +342,7 @@ def test_download_verifies_and_reuses_the_cache(repo_server: Server, archive: Ar
     assert len(repo_server.requests) == before  # reused, no request
 
 
+@pytest.mark.tools
 def test_download_replaces_a_damaged_cached_file(repo_server: Server, archive: Archive) -> None:
     pkg = archive.package("python3")
     path = archive.download(pkg)
@@ -340,6 +351,7 @@ def test_download_replaces_a_damaged_cached_file(repo_server: Server, archive: A
     assert sha256_hex(path.read_bytes()) == pkg.sha256
 
 
+@pytest.mark.tools
 def test_download_sha_mismatch_leaves_nothing_behind(archive: Archive) -> None:
     good = archive.package("app")
     bad = dataclasses.replace(good, sha256="0" * 64)
@@ -352,6 +364,7 @@ def test_download_sha_mismatch_leaves_nothing_behind(archive: Archive) -> None:
     assert list(debs.iterdir()) == []  # no temp file left either
 
 
+@pytest.mark.tools
 def test_download_missing_file(archive: Archive) -> None:
     pkg = dataclasses.replace(archive.package("app"), filename="pool/nowhere/app.deb")
     with pytest.raises(QlimageError, match="HTTP 404"):
@@ -361,6 +374,7 @@ def test_download_missing_file(archive: Archive) -> None:
 # ------------------------------------------------------------------------ indexes
 
 
+@pytest.mark.tools
 def test_index_fetch_uses_release_and_compression_fallback(
     repo_server: Server, tmp_path: Path
 ) -> None:
@@ -375,6 +389,7 @@ def test_index_fetch_uses_release_and_compression_fallback(
     assert len(cached) == 4 and all(".part" not in name for name in cached)
 
 
+@pytest.mark.tools
 def test_index_cache_reused_while_fresh(repo_server: Server, tmp_path: Path) -> None:
     make_archive(repo_server.url, tmp_path / "cache").package("app")
     before = len(repo_server.requests)
@@ -382,6 +397,7 @@ def test_index_cache_reused_while_fresh(repo_server: Server, tmp_path: Path) -> 
     assert len(repo_server.requests) == before
 
 
+@pytest.mark.tools
 def test_stale_index_is_refetched(fresh_server: tuple[Server, Path], tmp_path: Path) -> None:
     server, root = fresh_server
     cache = tmp_path / "cache"
@@ -398,6 +414,7 @@ def test_stale_index_is_refetched(fresh_server: tuple[Server, Path], tmp_path: P
     assert make_archive(server.url, cache, max_index_age=0).package("app").version == "1.1"
 
 
+@pytest.mark.tools
 def test_index_sha_mismatch(fresh_server: tuple[Server, Path], tmp_path: Path) -> None:
     server, root = fresh_server
     (root / "dists/stable/main/binary-amd64/Packages.xz").write_bytes(lzma.compress(b""))
@@ -407,6 +424,7 @@ def test_index_sha_mismatch(fresh_server: tuple[Server, Path], tmp_path: Path) -
     assert not list((tmp_path / "cache").rglob("Packages*"))
 
 
+@pytest.mark.tools
 def test_inrelease_armour_is_stripped(fresh_server: tuple[Server, Path], tmp_path: Path) -> None:
     server, root = fresh_server
     dists = root / "dists/stable"
@@ -417,6 +435,7 @@ def test_inrelease_armour_is_stripped(fresh_server: tuple[Server, Path], tmp_pat
     assert any((d / "InRelease").is_file() for d in index_dirs)
 
 
+@pytest.mark.tools
 def test_inrelease_with_bad_signature_fails(
     fresh_server: tuple[Server, Path], tmp_path: Path
 ) -> None:
@@ -450,6 +469,7 @@ def test_unreachable_mirror(tmp_path: Path) -> None:
     assert "\n" not in err.value.message
 
 
+@pytest.mark.tools
 def test_unknown_suite(repo_server: Server, tmp_path: Path) -> None:
     archive = Archive(
         [Source(repo_server.url, "nope", ("main",))],

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from qlimage.serve import vm
 from qlimage.layout import Layout
+from qlimage.serve import vm
 from qlimage.site import load_site
 
-from conftest import free_port, qlimage
+from helpers import free_port, qlimage
 
 pytestmark = [pytest.mark.boot, pytest.mark.network]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import qlimage
+from helpers import qlimage
 
 pytestmark = [pytest.mark.tools, pytest.mark.network]
 
@@ -60,6 +60,7 @@ def test_outputs_are_in_place(built_site: Path) -> None:
     assert (boot / "qlustar/images/demo/current").readlink().as_posix() == gen
 
 
+@pytest.mark.boot  # builds the whole site a second time
 def test_two_builds_in_different_directories_are_identical(
     built_site: Path, site_factory: Callable[..., Path]
 ) -> None:

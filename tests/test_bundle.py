@@ -1,9 +1,10 @@
 """Per-node configuration bundles: every option kind, layering, goldens, JSON, inputs, preview.
 
-The sites are built in tmp_path by `make_site` (also used by test_bundle_consumers.py). The
-templates' output is compared with golden files in tests/golden/bundle/<host>/ (one file per
-generated node path, the symlinks, the actions, the host's `describe` output and, for hosts
-without rootfs, its bundle.json indented). After an intended change, regenerate them with
+The sites are built in tmp_path by `make_site` (in helpers.py, also used by
+test_bundle_consumers.py and test_noderunner.py). The templates' output is compared with golden
+files in tests/golden/bundle/<host>/ (one file per generated node path, the symlinks, the
+actions, the host's `describe` output and, for hosts without rootfs, its bundle.json indented).
+After an intended change, regenerate them with
 
     QLIMAGE_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_bundle.py
 
@@ -25,228 +26,21 @@ from qlimage.bundle.render import Bundle, NodeFile
 from qlimage.errors import ConfigError, QlimageError
 from qlimage.site import Site, load_site
 
+from helpers import (
+    BINARY,
+    BUNDLE_IMAGES,
+    KEY_ECDSA,
+    KEY_ED25519,
+    UID,
+    edit,
+    make_site,
+    render,
+    write,
+)
+
 GOLDEN = Path(__file__).resolve().parent / "golden" / "bundle"
 UPDATE = os.environ.get("QLIMAGE_UPDATE_GOLDEN") == "1"
 GOLDEN_HOSTS = ("beo-01", "beo-02", "beo-05")
-UID = 54321  # a numeric owner unknown to the head's passwd/group
-BINARY = bytes(range(256))
-
-KEY_ED25519 = (
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICE5jlDcQmQdHlCOOMEZUv+Kk30+tY0Rme2VrlVtB0mS admin@head"
-)
-KEY_ECDSA = (
-    "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBBKPodcT7cFHgVbH"
-    "/PS+jmXLJl7pSJOxvnlO0EEEvn+2i1/HgJLwr++QgZLC0X+YdTn5q/W9JEIVtv5+5XBiSEg= ops@head"
-)
-
-SITE_TOML = """\
-[site]
-name = "bundle-test"
-
-[head]
-address = "10.0.2.2"
-http_port = 8470
-
-[networks.boot]
-cidr = "10.0.2.0/24"
-gateway = "10.0.2.2"
-boot = true
-
-[networks.ib]
-cidr = "10.10.0.0/16"
-mtu = 2044
-
-[networks.ipmi]
-cidr = "10.1.0.0/16"
-gateway = "10.1.0.1"
-
-[networks.data]
-cidr = "192.168.0.0/24"
-mtu = 9000
-
-[bootconfigs.compute]
-image = "demo"
-
-[bootconfigs.rhel]
-image = "rhel"
-"""
-
-IMAGES = {
-    "demo.toml": 'name = "demo"\nflavor = "bookworm"\nversion = "11"\nmodules = ["core"]\n',
-    "rhel.toml": 'name = "rhel"\nflavor = "el9"\nversion = "11"\nmodules = ["core"]\n',
-    "odd.toml": 'name = "odd"\nflavor = "haiku"\nversion = "11"\nmodules = ["core"]\n',
-}
-
-OPTIONSETS_TOML = f"""\
-[optionsets.compute]
-mounts = [
-  {{ what = "head:/srv/data", where = "/srv/data", options = "vers=4,ro" }},
-  {{ what = "head:/home", where = "/home/", type = "nfs4", automount = true, idle_timeout = 600 }},
-  {{ what = "tmpfs", where = "/scratch/tmp", type = "tmpfs", options = "size=10%,mode=1777" }},
-]
-authorized_keys = ["{KEY_ED25519}", "{KEY_ECDSA}"]
-mail = {{ relayhost = "[head]" }}
-opensm = false
-
-[optionsets.ib]
-opensm = true
-network = {{ interfaces = [
-  {{ device = "eth0", network = "boot" }},
-  {{ device = "ib0", network = "ib", mtu = 65520 }},
-] }}
-
-[optionsets.scratch]
-disk = {{ device = "/dev/sda", label = "gpt", wipe = "if-unformatted", partitions = [
-  {{ size = "16GiB", fs = "swap" }},
-  {{ size = "rest", fs = "xfs", mount = "/scratch", label = "scratch", options = "noatime" }},
-] }}
-
-[optionsets.gpu]
-rootfs = ["base", "gpu"]
-pam_slurm = true
-
-[optionsets.mailer]
-mail = {{ relayhost = "smtp1.example.org" }}
-
-[[optionsets.bonded.network.interfaces]]
-device = "eth0"
-network = "boot"
-gateway = false
-
-[[optionsets.bonded.network.interfaces]]
-device = "bond0"
-network = "data"
-bond = {{ slaves = ["eth1", "eth2"], mode = "802.3ad" }}
-
-[[optionsets.bonded.network.interfaces]]
-device = "ib0"
-dhcp = true
-mtu = 2044
-
-[groups.rack1]
-optionsets = ["compute", "ib"]
-"""
-
-HOSTS_TOML = """\
-[[hosts]]
-name = "beo-01"
-mac = "52:54:00:12:34:56"
-bootconfig = "compute"
-groups = ["rack1"]
-optionsets = ["scratch", "gpu", "mailer"]
-networks.boot = "10.0.2.15"
-networks.ib = "10.10.0.15"
-networks.ipmi = "10.1.0.15"
-[hosts.options]
-ipmi = { network = "ipmi" }
-chroot = "hpc"
-mail = { relayhost = "[smtp2.example.org]:587" }
-
-[[hosts]]
-name = "beo-02"
-mac = "52:54:00:12:34:57"
-bootconfig = "rhel"
-optionsets = ["bonded"]
-networks.boot = "10.0.2.16"
-networks.data = "192.168.0.16"
-[hosts.options]
-ipmi = { network = "boot", channel = 2 }
-pam_slurm = false
-
-[[hosts]]
-name = "beo-03"
-mac = "52:54:00:12:34:58"
-image = "demo"
-groups = ["rack1"]
-networks.boot = "10.0.2.17"
-networks.ib = "10.10.0.17"
-
-[[hosts]]
-name = "beo-04"
-mac = "52:54:00:12:34:59"
-image = "demo"
-groups = ["rack1"]
-optionsets = ["mailer"]
-networks.boot = "10.0.2.18"
-networks.ib = "10.10.0.18"
-
-[[hosts]]
-name = "beo-05"
-mac = "52:54:00:12:34:5a"
-image = "demo"
-optionsets = ["bonded"]
-networks.boot = "10.0.2.19"
-networks.data = "192.168.0.19"
-
-[[hosts]]
-name = "beo-06"
-mac = "52:54:00:12:34:5b"
-image = "odd"
-networks.boot = "10.0.2.20"
-"""
-
-
-def write(
-    path: Path, data: str | bytes, mode: int = 0o644, owner: tuple[int, int] = (0, 0)
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        data = data.encode()
-    path.write_bytes(data)
-    os.chown(path, *owner)
-    os.chmod(path, mode)  # after chown, which clears setuid bits
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert text.count(old) == 1, f"{old!r} not exactly once in {path}"
-    path.write_text(text.replace(old, new))
-
-
-def make_dir(path: Path, mode: int = 0o755, owner: tuple[int, int] = (0, 0)) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chown(path, *owner)
-    os.chmod(path, mode)
-
-
-def make_rootfs(rootfs: Path) -> None:
-    """Two Root FS Customization configs; `gpu` overrides parts of `base`."""
-    base, gpu = rootfs / "base", rootfs / "gpu"
-    for d in (base, gpu):
-        make_dir(d, 0o700)  # the config's own directory is not a node path
-    make_dir(base / "etc")
-    write(base / "etc/motd", "Welcome to the cluster\n")
-    write(base / "etc/security/limits.d/90-hpc.conf", "* soft memlock unlimited\n")
-    write(base / "opt/tool", BINARY, 0o4755, (UID, UID))
-    make_dir(base / "var/spool/jobs", 0o1777, (1, 1))  # daemon:daemon
-    write(base / "root/secret", "s3cret\n", 0o600)
-    make_dir(base / "opt/cfg")
-    write(base / "opt/cfg/a.conf", "a = 1\n")
-    make_dir(gpu / "etc")
-    write(gpu / "etc/motd", "GPU node\n", 0o640, (0, 1))
-    write(gpu / "lib/qlustar/init.d/50-nvidia", "#!/bin/sh\nnvidia-smi -pm 1\n", 0o755)
-    (gpu / "usr/local/bin").mkdir(parents=True)
-    os.symlink("/opt/nvidia/bin/nv", gpu / "usr/local/bin/nv")
-    os.lchown(gpu / "usr/local/bin/nv", UID, UID)
-    make_dir(gpu / "opt")
-    os.symlink("/etc/nvidia", gpu / "opt/cfg")  # replaces base's directory and its contents
-
-
-def make_site(root: Path, *, extra_hosts: str = "", keys: tuple[str, ...] = ()) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "site.toml").write_text(SITE_TOML)
-    for name, text in IMAGES.items():
-        write(root / "images.d" / name, text)
-    optionsets = OPTIONSETS_TOML
-    if keys:
-        listed = ", ".join(json.dumps(k) for k in keys)
-        optionsets = optionsets.replace(f'["{KEY_ED25519}", "{KEY_ECDSA}"]', f"[{listed}]")
-    write(root / "nodes.d/options.toml", optionsets)
-    write(root / "nodes.d/hosts.toml", HOSTS_TOML + extra_hosts)
-    (root / "chroots/hpc").mkdir(parents=True)
-    (root / "chroots/hpc/chroot.toml").write_text('export = "/srv/chroots/hpc"\n')
-    make_rootfs(root / "rootfs")
-    return root
 
 
 @pytest.fixture
@@ -257,10 +51,6 @@ def site_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def site(site_root: Path) -> Site:
     return load_site(site_root)
-
-
-def render(site: Site, name: str) -> Bundle:
-    return qb.render_bundle(site, site.host(name))
 
 
 def files_of(b: Bundle) -> dict[str, NodeFile]:
@@ -1037,7 +827,9 @@ def test_bundle_inputs_change_iff_inputs_change(site_root: Path) -> None:
 
     # An image's flavor: its hosts.
     state = inputs()
-    (site_root / "images.d/rhel.toml").write_text(IMAGES["rhel.toml"].replace("el9", "rocky9"))
+    (site_root / "images.d/rhel.toml").write_text(
+        BUNDLE_IMAGES["rhel.toml"].replace("el9", "rocky9")
+    )
     assert changed(state) == {"beo-02"}
 
     # Unrelated: a rootfs config nobody uses, an unused network, the chroot's contents.

@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_bundle import make_site, render
 
-from qlimage.bundle import render as qb
 from qlimage import noderunner
+from qlimage.bundle import render as qb
 from qlimage.bundle.render import Bundle
 from qlimage.site import Site, load_site
+
+from helpers import make_site, render
 
 SYSTEM_UNITS = Path("/lib/systemd/system")
 

@@ -1,4 +1,4 @@
-"""The node runner's disk step (qlimage/noderunner.py) for real, on a loop device.
+"""The node runner's disk step (qlimage/node/runner/disk.py) for real, on a loop device.
 
 As root: a sparse image file in tmp_path is attached with `losetup --partscan`, and the step
 partitions, formats, mounts and swaps on it with the real tools through the real subprocess
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from qlimage import noderunner
 from qlimage.bundle.render import disk_field
-from qlimage.noderunner import Reporter, run_command
+from qlimage.node.runner import disk as node_disk
+from qlimage.node.runner import paths as node_paths
+from qlimage.node.runner.commands import run_command
+from qlimage.node.runner.report import Reporter
 
 pytestmark = pytest.mark.tools
 
@@ -54,7 +56,7 @@ def mounts() -> list[tuple[str, str]]:
     """(source, target) of everything mounted, escapes decoded."""
     lines = Path("/proc/self/mounts").read_text().splitlines()
     return [
-        (noderunner.fstab_unescape(f[0]), noderunner.fstab_unescape(f[1]))
+        (node_disk.fstab_unescape(f[0]), node_disk.fstab_unescape(f[1]))
         for f in (line.split() for line in lines)
     ]
 
@@ -116,7 +118,7 @@ def test_disk_step_on_a_loop_device(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     dev = loop_disk
-    p1, p2, p3 = (noderunner.partition_device(dev, n) for n in (1, 2, 3))
+    p1, p2, p3 = (node_disk.partition_device(dev, n) for n in (1, 2, 3))
     assert p1 == f"{dev}p1"
     # A space in the mount points: escaped in disk-config, /proc/self/mounts and fstab.
     mnt = tmp_path / "mnt point"
@@ -124,8 +126,8 @@ def test_disk_step_on_a_loop_device(
     rest_fs = "xfs" if HAS_XFS else "ext4"
     config, fstab = tmp_path / "disk-config", tmp_path / "fstab"
     fstab.write_text("proc /proc proc defaults 0 0\n")
-    monkeypatch.setattr(noderunner, "DISK_CONFIG_FILE", str(config))
-    monkeypatch.setattr(noderunner, "FSTAB_FILE", str(fstab))
+    monkeypatch.setattr(node_paths, "DISK_CONFIG_FILE", str(config))
+    monkeypatch.setattr(node_paths, "FSTAB_FILE", str(fstab))
 
     def boot(wipe: str) -> tuple[tuple[int, int], str]:
         config.write_text(
@@ -134,7 +136,7 @@ def test_disk_step_on_a_loop_device(
             "part 2 32MiB swap - - -\n"
             f"part 3 rest {rest_fs} {disk_field(str(data))} data noatime\n"
         )
-        result = noderunner.initialize_disks(run_command, Reporter())
+        result = node_disk.initialize_disks(run_command, Reporter())
         return result, capsys.readouterr().out
 
     def check_mounted() -> None:
@@ -145,7 +147,7 @@ def test_disk_step_on_a_loop_device(
         ]
         assert "noatime" in out("findmnt", "-n", "-o", "OPTIONS", "--mountpoint", str(data))
         assert p2 in active_swaps()
-        escaped = noderunner.fstab_escape
+        escaped = node_disk.fstab_escape
         assert fstab.read_text() == (
             "proc /proc proc defaults 0 0\n"
             f"{p1} {escaped(str(scratch))} ext4 defaults 0 0 # qlustar-disk\n"

@@ -13,7 +13,7 @@ import pytest
 
 from qlimage.pool.debpack import build_deb
 
-from conftest import qlimage, write_site
+from helpers import qlimage, write_site
 
 pytestmark = [pytest.mark.tools]
 
@@ -229,6 +229,7 @@ def test_overlays_owners_links_and_whiteouts(site: Path, tmp_path: Path) -> None
     assert not (root / "usr/share/unwanted").exists()
     runner = root / "usr/lib/qlustar/qlustar-runner"
     assert (
-        runner.read_bytes() == (Path(__file__).parent.parent / "qlimage/noderunner.py").read_bytes()
+        runner.read_bytes()
+        == (Path(__file__).parent.parent / "qlimage/node/qlustar-runner").read_bytes()
     )
     assert stat.S_IMODE(runner.stat().st_mode) == 0o755

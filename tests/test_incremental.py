@@ -14,7 +14,7 @@ import pytest
 
 from qlimage.pool.debpack import build_deb
 
-from conftest import qlimage, write_site
+from helpers import qlimage, write_site
 
 pytestmark = [pytest.mark.tools, pytest.mark.network]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from qlimage.image import initrd
 from qlimage.errors import BuildError, QlimageError
+from qlimage.image import initrd
 from qlimage.trees import walk
 
 EPOCH = 1700000000

@@ -1,4 +1,4 @@
-"""Tests for the boot-time node runner (qlimage/noderunner.py, installed as qlustar-runner).
+"""Tests for the boot-time node runner (qlimage/node/runner, installed as qlustar-runner).
 
 Most tests run the runner against a pyfakefs node file system with allow_root_user=False:
 the tests run as root, but the fake file system then enforces permissions as for a normal
@@ -35,24 +35,24 @@ import pytest
 from pyfakefs.fake_filesystem import FakeFilesystem
 from pyfakefs.fake_filesystem_unittest import Patcher
 from pyfakefs.helpers import set_gid, set_uid
-from test_bundle import make_site
 
 from qlimage.bundle import render as qb
-from qlimage import noderunner
-from qlimage.noderunner import (
-    EXIT_OK,
-    EXIT_PARTIAL,
-    EXIT_UNCONFIGURED,
-    Reporter,
-    mac_from_bootif,
-    main,
-    parse_cmdline,
-    parse_net_env,
-    run_command,
-)
+from qlimage.node.runner import apply as node_apply
+from qlimage.node.runner import bundle as node_bundle
+from qlimage.node.runner import disk as node_disk
+from qlimage.node.runner import fetch as node_fetch
+from qlimage.node.runner import paths as node_paths
+from qlimage.node.runner.commands import run_command
+from qlimage.node.runner.identity import mac_from_bootif, parse_cmdline, parse_net_env
+from qlimage.node.runner.main import EXIT_OK, EXIT_PARTIAL, EXIT_UNCONFIGURED, main
+from qlimage.node.runner.report import Reporter
 from qlimage.site import load_site
 
+from helpers import make_site
+
 BASE = "http://10.0.2.2:8470/qlustar"
+# The executable installed as /usr/lib/qlustar/qlustar-runner; it runs the runner package.
+RUNNER_LAUNCHER = Path(__file__).parent.parent / "qlimage/node/qlustar-runner"
 MAC_DASHED = "52-54-00-12-34-56"
 BUNDLE_URL = f"{BASE}/nodes/{MAC_DASHED}/bundle.json"
 CMDLINE = f"BOOT_IMAGE=vmlinuz quiet qlustar.http={BASE} BOOTIF=01-52-54-00-12-34-56\n"
@@ -264,7 +264,7 @@ def node_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(pwd, "getpwnam", getpwnam)
     monkeypatch.setattr(grp, "getgrnam", getgrnam)
-    monkeypatch.setattr(noderunner, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(node_paths, "RETRY_DELAYS", (0.0, 0.0, 0.0))
     monkeypatch.setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
 
 
@@ -291,7 +291,7 @@ def executable(fs: FakeFilesystem, path: str, mode: int = 0o755) -> None:
 
 
 def test_is_a_standalone_stdlib_program() -> None:
-    source = Path(noderunner.__file__).read_text()
+    source = RUNNER_LAUNCHER.read_text()
     assert source.startswith("#!/usr/bin/python3\n")
     imported: set[str] = set()
     for node in ast.walk(ast.parse(source)):
@@ -510,7 +510,7 @@ def test_replaces_existing_file_and_symlink_atomically(
             ]
         )
     )
-    real_replace = noderunner.os.replace
+    real_replace = node_apply.os.replace
     seen: list[tuple[str, str]] = []
 
     def spy_replace(src: str, dst: str) -> None:
@@ -527,7 +527,7 @@ def test_replaces_existing_file_and_symlink_atomically(
         seen.append((src, dst))
         real_replace(src, dst)
 
-    monkeypatch.setattr(noderunner.os, "replace", spy_replace)
+    monkeypatch.setattr(node_apply.os, "replace", spy_replace)
 
     assert run_node(head, commands) == EXIT_OK
 
@@ -555,14 +555,14 @@ def test_write_failure_midway_exits_partial(
             [{"kind": "command", "argv": ["/usr/bin/true"]}],
         )
     )
-    real_write = noderunner.write_file
+    real_write = node_apply.write_file
 
     def failing_write(path: str, *args: Any) -> None:
         if path == "/srv/new/b":
             raise OSError(28, "No space left on device")
         real_write(path, *args)
 
-    monkeypatch.setattr(noderunner, "write_file", failing_write)
+    monkeypatch.setattr(node_apply, "write_file", failing_write)
 
     assert run_node(head, commands) == EXIT_PARTIAL
 
@@ -758,7 +758,7 @@ def test_bad_checksum_writes_nothing(
     assert "qlustar: ERROR: cannot fetch bundle" in out
     assert "checksum mismatch" in out
     # A mismatch is retried: the head may have been rewriting the bundle.
-    assert len(head.requests) == 2 * (len(noderunner.RETRY_DELAYS) + 1)
+    assert len(head.requests) == 2 * (len(node_paths.RETRY_DELAYS) + 1)
 
 
 def test_conflict_with_node_writes_nothing(
@@ -786,7 +786,7 @@ def test_fetch_failure_exits_unconfigured(
     assert run_node(head, commands) == EXIT_UNCONFIGURED
 
     assert snapshot() == before
-    assert head.requests == [BUNDLE_URL] * (len(noderunner.RETRY_DELAYS) + 1)
+    assert head.requests == [BUNDLE_URL] * (len(node_paths.RETRY_DELAYS) + 1)
     out = capsys.readouterr().out
     assert (
         f"qlustar: ERROR: cannot fetch bundle {BUNDLE_URL}: Connection refused; "
@@ -1030,7 +1030,7 @@ def test_ensure_line_appends_atomically(
         os.chown("/etc/pam.d/sshd", 0, 42)
     head.publish(make_bundle(actions=[ENSURE_LINE]))
     events: list[tuple[str, ...]] = []
-    real_fsync, real_replace = noderunner.os.fsync, noderunner.os.replace
+    real_fsync, real_replace = node_apply.os.fsync, node_apply.os.replace
 
     def spy_fsync(fd: int) -> None:
         events.append(("fsync",))
@@ -1046,8 +1046,8 @@ def test_ensure_line_appends_atomically(
         events.append(("replace", dst))
         real_replace(src, dst)
 
-    monkeypatch.setattr(noderunner.os, "fsync", spy_fsync)
-    monkeypatch.setattr(noderunner.os, "replace", spy_replace)
+    monkeypatch.setattr(node_apply.os, "fsync", spy_fsync)
+    monkeypatch.setattr(node_apply.os, "replace", spy_replace)
 
     with as_root():  # as on the node: only root may read this file
         assert run_node(head, commands) == EXIT_OK
@@ -1078,7 +1078,7 @@ def test_ensure_line_leaves_a_file_with_the_line_alone(
     nodefs.create_file("/etc/pam.d/sshd", contents=content)
     head.publish(make_bundle(actions=[ENSURE_LINE]))
     replaced: list[str] = []
-    monkeypatch.setattr(noderunner.os, "replace", lambda src, dst: replaced.append(dst))
+    monkeypatch.setattr(node_apply.os, "replace", lambda src, dst: replaced.append(dst))
 
     assert run_node(head, commands) == EXIT_OK
 
@@ -1188,19 +1188,19 @@ def test_bundle_from_the_renderer_is_applied(
     ipmi = rendered.actions[1]
     assert (ipmi["gateway"] == "") == (node == "beo-08")
 
-    parsed = noderunner.parse_bundle(data, "0" * 64)
+    parsed = node_bundle.parse_bundle(data, "0" * 64)
     assert [type(a).__name__ for a in parsed.actions] == [
         "HostnameAction", "IpmiAction", "CommandAction", "EnsureLineAction"
     ]  # fmt: skip
-    assert parsed.actions[1] == noderunner.IpmiAction(
+    assert parsed.actions[1] == node_bundle.IpmiAction(
         ipmi["address"], ipmi["netmask"], ipmi["gateway"], ipmi["channel"]
     )
-    assert parsed.actions[2] == noderunner.CommandAction(
+    assert parsed.actions[2] == node_bundle.CommandAction(
         tuple(rendered.actions[2]["argv"]),
         rendered.actions[2]["description"],
         "/usr/sbin/postconf",
     )
-    assert parsed.actions[3] == noderunner.EnsureLineAction("/etc/pam.d/sshd", PAM_LINE)
+    assert parsed.actions[3] == node_bundle.EnsureLineAction("/etc/pam.d/sshd", PAM_LINE)
 
     with fake_node() as fs:
         executable(fs, "/usr/bin/ipmitool")
@@ -1373,7 +1373,7 @@ def disk_node(
     executable(fs, INIT_D_10X)
     block_device(fs, disk)
     for n in range(1, partitions + 1):
-        block_device(fs, noderunner.partition_device(disk, n))
+        block_device(fs, node_disk.partition_device(disk, n))
     fs.create_file("/etc/fstab", contents=FSTAB)
     os.chmod("/etc/fstab", 0o644)
 
@@ -1381,7 +1381,7 @@ def disk_node(
         if "--dump" in argv:
             return
         for n in range(1, appear + 1):
-            path = noderunner.partition_device(os.path.realpath(argv[-1]), n)
+            path = node_disk.partition_device(os.path.realpath(argv[-1]), n)
             if not os.path.exists(path):
                 block_device(fs, path)
 
@@ -1486,7 +1486,7 @@ def test_partition_device_names(
 
     expected = [*partition_commands(disk, p), *mount_commands(disk, p), [INIT_D_10X]]
     assert commands.calls == expected
-    assert noderunner.partition_device(disk, 12) == f"{disk}{p}12"
+    assert node_disk.partition_device(disk, 12) == f"{disk}{p}12"
 
 
 def test_disk_by_id_link_is_resolved_for_partition_names(
@@ -1879,7 +1879,7 @@ def test_partitions_that_do_not_appear_fail_the_step(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(noderunner, "PARTITION_WAIT", 0.3)
+    monkeypatch.setattr(node_paths, "PARTITION_WAIT", 0.3)
     disk_node(nodefs, commands, appear=2)
 
     started = time.monotonic()
@@ -1898,7 +1898,7 @@ def test_one_failing_mount_does_not_stop_the_others(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(noderunner, "PARTITION_WAIT", 0.1)
+    monkeypatch.setattr(node_paths, "PARTITION_WAIT", 0.1)
     disk_node(nodefs, commands, partitions=3)
     nodefs.remove("/dev/sdb1")  # the swap partition is gone (kept partition table)
     commands.argv_status["mount -t ext4 -o noatime,nodev /dev/sdb2 /scratch"] = 32
@@ -1947,15 +1947,15 @@ options.disk = { device = "/dev/disk/by-id/my disk", label = "dos", wipe = "alwa
 ] }
 """
     site = load_site(make_site(tmp_path / "site", extra_hosts=extra))
-    P = noderunner.Partition
+    P = node_disk.Partition
     expected = {
-        "beo-01": noderunner.DiskConfig(
+        "beo-01": node_disk.DiskConfig(
             "/dev/sda",
             "gpt",
             "if-unformatted",
             (P(1, 16384, "swap"), P(2, None, "xfs", "/scratch", "scratch", "noatime")),
         ),
-        "beo-08": noderunner.DiskConfig(
+        "beo-08": node_disk.DiskConfig(
             "/dev/disk/by-id/my disk",
             "dos",
             "always",
@@ -1969,8 +1969,8 @@ options.disk = { device = "/dev/disk/by-id/my disk", label = "dos", wipe = "alwa
     for node, config in expected.items():
         rendered = qb.render_bundle(site, site.host(node))
         (text,) = [f.content for f in rendered.files if f.path == DISK_CONFIG]
-        assert noderunner.parse_disk_config(text.decode()) == config, node
-    assert noderunner.sfdisk_script(expected["beo-08"]) == (
+        assert node_disk.parse_disk_config(text.decode()) == config, node
+    assert node_disk.sfdisk_script(expected["beo-08"]) == (
         "label: dos\nsize=512MiB, type=swap\nsize=10240MiB, type=linux\ntype=linux\n"
     )
 
@@ -2045,8 +2045,8 @@ def test_real_init_d_scripts_run_in_order(
 ) -> None:
     init_d, log_dir = tmp_path / "init.d", tmp_path / "log"
     init_d.mkdir()
-    monkeypatch.setattr(noderunner, "INIT_D_DIR", str(init_d))
-    monkeypatch.setattr(noderunner, "LOG_DIR", str(log_dir))
+    monkeypatch.setattr(node_paths, "INIT_D_DIR", str(init_d))
+    monkeypatch.setattr(node_paths, "LOG_DIR", str(log_dir))
     trace = tmp_path / "trace"
     for name, status in (("10-b", 0), ("02-a", 0), ("50-fails", 7), ("99-z", 0), ("B", 0)):
         script = init_d / name
@@ -2078,8 +2078,8 @@ def test_real_init_d_scripts_run_in_order(
         )
     )
     monkeypatch.undo()  # the real pwd/grp databases, but keep the redirected paths
-    monkeypatch.setattr(noderunner, "INIT_D_DIR", str(init_d))
-    monkeypatch.setattr(noderunner, "LOG_DIR", str(log_dir))
+    monkeypatch.setattr(node_paths, "INIT_D_DIR", str(init_d))
+    monkeypatch.setattr(node_paths, "LOG_DIR", str(log_dir))
 
     status = main(["--cmdline", str(cmdline), "--net-env", str(net_env)], fetch=head.fetch)
 
@@ -2121,12 +2121,12 @@ def test_real_http_fetch(tmp_path: Path) -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         base = f"http://127.0.0.1:{server.server_address[1]}/qlustar"
         try:
-            url = noderunner.bundle_url(base, "52:54:00:12:34:56")
-            assert noderunner.fetch_bundle(url, noderunner.fetch_url, Reporter()) == (data, digest)
-            with pytest.raises(noderunner.FetchError, match="HTTP 404"):
-                noderunner.fetch_bundle(
-                    noderunner.bundle_url(base, "52:54:00:00:00:00"),
-                    noderunner.fetch_url,
+            url = node_fetch.bundle_url(base, "52:54:00:12:34:56")
+            assert node_fetch.fetch_bundle(url, node_fetch.fetch_url, Reporter()) == (data, digest)
+            with pytest.raises(node_fetch.FetchError, match="HTTP 404"):
+                node_fetch.fetch_bundle(
+                    node_fetch.bundle_url(base, "52:54:00:00:00:00"),
+                    node_fetch.fetch_url,
                     Reporter(),
                 )
         finally:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from qlimage.image import publish
 from qlimage.errors import QlimageError
+from qlimage.image import publish
 
-from conftest import REPO, qlimage, write_site
+from helpers import REPO, qlimage, write_site
 
 
 def make_build(content: bytes):  # type: ignore[no-untyped-def]

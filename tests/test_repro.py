@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from qlimage import cli
-
-from qlimage.tasks import repro
 from qlimage.errors import QlimageError
 from qlimage.site import load_site
+from qlimage.tasks import repro
 
-from conftest import REPO, write_site
+from helpers import REPO, write_site
 
 
 def tree(root: Path, files: dict[str, str | bytes], modes: dict[str, int] | None = None) -> Path:
@@ -188,8 +187,6 @@ def test_register_adds_the_subcommand_to_the_qlimage_parser() -> None:
     assert parser.parse_args(["repro-check"]).diffoscope is True
 
 
-@pytest.mark.tools
-@pytest.mark.network
 def demo_site(dest: Path) -> Path:
     """The repository's demo site (its inputs only: the outputs and the pool are rebuilt)."""
     dest.mkdir()
@@ -202,6 +199,9 @@ def demo_site(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.boot  # builds the whole demo site twice
+@pytest.mark.tools
+@pytest.mark.network
 def test_demo_site_builds_identically_twice(tmp_path: Path) -> None:
     site = demo_site(tmp_path / "site")
     out: list[str] = []

@@ -13,7 +13,7 @@ import pytest
 from qlimage.errors import ConfigError, QlimageError
 from qlimage.site import BootConfig, load_site
 
-from conftest import QLIMAGE, REPO, qlimage
+from helpers import QLIMAGE, REPO, qlimage
 
 SiteFactory = Callable[..., Path]
 

@@ -8,41 +8,23 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from qlimage import templates
+from qlimage import contract, templates
 from qlimage.atomic import atomic_path, symlink, write_text
+from qlimage.boot.cmdline import kernel_command_line
 from qlimage.errors import ToolMissing
 from qlimage.site import BootConfig, Site
 
 # Where Debian's pxelinux and syslinux-common packages put the BIOS PXE loader and its library.
 PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
 LDLINUX = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
-KERNEL_PATH = "qlustar/boot/current/vmlinuz"
-INITRD_PATH = "qlustar/boot/current/initrd.img"
+KERNEL_PATH = contract.boot_path(contract.KERNEL_FILE)  # relative to the TFTP root
+INITRD_PATH = contract.boot_path(contract.INITRD_FILE)
 HOSTS_INDEX = ".hosts"
-
 
 
 def hostid(address: str) -> str:
     """The file name pxelinux tries for a client: its IPv4 address in upper-case hex."""
     return f"{int(ipaddress.IPv4Address(address)):08X}"
-
-
-def image_path(image: str) -> str:
-    """The image's directory below the head's qlustar tree (generations and `current`)."""
-    return f"images/{image}"
-
-
-def kernel_command_line(site: Site, bootconfig: BootConfig, config_name: str) -> str:
-    args = [
-        f"console={site.console}",
-        f"qlustar.http={site.http_base}/qlustar",
-        f"qlustar.image={bootconfig.image}",
-        f"qlustar.path={image_path(bootconfig.image)}",
-        f"qlustar.sum={bootconfig.image}.img.sha256",
-        f"qlustar.bootcfg={bootconfig.name}",
-        f"qlustar.pxecfg={config_name}",  # which pxelinux.cfg file booted: default or a HOSTID link
-    ]
-    return " ".join([*args, *bootconfig.append.split()])
 
 
 def render_config(site: Site, bootconfig: BootConfig | None, config_name: str) -> str:

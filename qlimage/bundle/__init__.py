@@ -1,1 +1,2 @@
-"""What each node receives: rendered option kinds, the bundle document, preview and diff; templates/."""
+"""What each node receives: the rendered option kinds, the bundle document, preview and diff,
+and its publishing below qlustar/nodes/; templates/ holds the node file templates."""

@@ -851,6 +851,15 @@ def _changes(old: NodeFile, new: NodeFile) -> list[str]:
     return changes
 
 
+def diff_file(previous: str, new: Bundle) -> str:
+    """The diff from a previous bundle.json file to `new` (empty when nothing changed)."""
+    try:
+        old = Path(previous).read_bytes()
+    except OSError as e:
+        raise QlimageError(f"{previous}: cannot read the previous bundle: {e.strerror}") from e
+    return diff(old, new)
+
+
 def diff(old_json: bytes, new: Bundle) -> str:
     """How `new` differs from a bundle published before (its JSON): added, removed and
     changed entries with a unified diff of text contents, then the actions. "" if equal."""

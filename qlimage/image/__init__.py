@@ -1,1 +1,2 @@
-"""One image: staging (modules, overlays, root password, changelogs), squashfs, kernel, initrd, publishing."""
+"""One image and the boot pair: staging (modules, overlays, root password, changelogs),
+squashfs, kernel, initrd, generations and their atomic publishing."""

@@ -108,7 +108,7 @@ def copy_module(src: Path, dst: Path) -> Path:
 
 
 def data_file(name: str) -> bytes:
-    return resources.files("qlimage").joinpath(f"data/{name}").read_bytes()
+    return resources.files("qlimage.node").joinpath(f"initrd/{name}").read_bytes()
 
 
 def populate_initrd(

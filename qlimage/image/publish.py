@@ -19,13 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from qlimage.atomic import TMP_PREFIX, symlink, write_text
+from qlimage.contract import CURRENT, GENERATION, HISTORY
 from qlimage.errors import QlimageError
-
-CURRENT = "current"
-HISTORY = "history"
-GENERATION = "generation"
-LOCK = ".build.lock"
-RUNNING = ".build.running"
+from qlimage.layout import Layout
+from qlimage.site import Site
 
 
 def history(root: Path) -> list[str]:
@@ -108,6 +105,16 @@ def rollback(root: Path) -> str:
     return previous
 
 
+def rollback_image(site: Site, image: str, *, wait: bool = True) -> str:
+    """Roll the site's `image` back under the build lock; returns the generation now current."""
+    if image not in site.images:
+        raise QlimageError(
+            f"unknown image {image!r} (images.d has: {', '.join(sorted(site.images)) or 'none'})"
+        )
+    with build_lock(site.paths.bootfiles, wait=wait):
+        return rollback(Layout(site).image_root(image))
+
+
 def remove_stale(root: Path) -> list[Path]:
     """Delete what killed builds left behind: every temporary directory of atomic_path."""
     stale: list[Path] = []
@@ -128,15 +135,24 @@ def remove_stale(root: Path) -> list[Path]:
     return stale
 
 
+# The sites whose build lock this process holds (flock would block on a second open file).
+_HELD: set[Path] = set()
 SCAN_DEPTH = 3
 SKIP = {(0, "kernel")}
 
 
 @contextlib.contextmanager
 def build_lock(bootfiles: Path, *, wait: bool = True) -> Iterator[None]:
-    """Serialize builds of one site; with wait=False a held lock is a clear error."""
+    """Serialize builds of one site; with wait=False a held lock is a clear error.
+
+    Reentrant within a process: a command that holds the lock (the apt hook compares the
+    images before and after) may call `run_graph`, which takes it again."""
+    key = bootfiles.resolve()
+    if key in _HELD:
+        yield
+        return
     bootfiles.mkdir(parents=True, exist_ok=True)
-    fd = os.open(bootfiles / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(Layout(bootfiles).lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -147,13 +163,15 @@ def build_lock(bootfiles: Path, *, wait: bool = True) -> Iterator[None]:
             ) from None
         # The marker outlives a killed build: only then is there anything to clean up, and the
         # scan (thousands of node directories) is skipped on every clean run.
-        running = bootfiles / RUNNING
+        running = Layout(bootfiles).running
         if running.exists():
             remove_stale(bootfiles)
         running.touch()
+        _HELD.add(key)
         try:
             yield
         finally:
+            _HELD.discard(key)
             running.unlink(missing_ok=True)  # not reached when the build is killed
     finally:
         os.close(fd)

@@ -2,7 +2,8 @@
 
 1. its modules' trees, in the image's module order (later modules win);
 2. the static overlays and whiteouts (overlays.py: common, then the image's own);
-3. the node runner, at the same version as the head (/usr/lib/qlustar/qlustar-runner);
+3. the node side at the same version as the head (node_files(): /sbin/init.qlustar, the runner
+   package in /usr/lib/qlustar/runner and its launcher /usr/lib/qlustar/qlustar-runner);
 4. root's password hash in /etc/shadow (rootpw.py);
 5. /etc/qlustar/image.json and the changelogs in /usr/share/doc/qlustar-image.
 
@@ -13,12 +14,14 @@ step 1 must replace a path (unlink, then create), never write through a link int
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from qlimage import contract
 from qlimage.atomic import atomic_path, write_text
 from qlimage.image import changelogs, overlays, rootpw
 from qlimage.pool.packages import ModulePackage
@@ -27,7 +30,11 @@ from qlimage.site import Image, Site
 from qlimage.trees import manifest
 
 STAMP = ".qlimage-unpacked"
-RUNNER = "usr/lib/qlustar/qlustar-runner"
+# The node side (qlimage/node) in the image: the runner package is imported by its launcher
+# under this name, from the directory beside the launcher (see qlimage/node/qlustar-runner).
+RUNNER = contract.RUNNER_PATH.lstrip("/")
+RUNNER_PACKAGE = "usr/lib/qlustar/runner/qlustar_runner"
+INIT_QLUSTAR = contract.INIT_QLUSTAR_PATH.lstrip("/")
 
 
 def module_tree_dir(site: Site, module: ModulePackage) -> Path:
@@ -79,8 +86,28 @@ def replace_file(root: Path, rel: str, data: bytes, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def runner_source() -> bytes:
-    return resources.files("qlimage").joinpath("noderunner.py").read_bytes()
+def node_files() -> dict[str, tuple[bytes, int]]:
+    """{path in the image: (content, mode)} of every node file the pipeline installs in every
+    image: init.qlustar, the runner launcher and the runner package's modules (sorted; no
+    __pycache__, only the package's .py files)."""
+    node = resources.files("qlimage.node")
+    files = {
+        INIT_QLUSTAR: (node.joinpath("init.qlustar").read_bytes(), 0o755),
+        RUNNER: (node.joinpath("qlustar-runner").read_bytes(), 0o755),
+    }
+    for entry in node.joinpath("runner").iterdir():
+        if entry.is_file() and entry.name.endswith(".py"):
+            files[f"{RUNNER_PACKAGE}/{entry.name}"] = (entry.read_bytes(), 0o644)
+    return dict(sorted(files.items()))
+
+
+def node_files_digest() -> str:
+    """One sha256 over the node files' paths, modes and contents (doit's change detection)."""
+    h = hashlib.sha256()
+    for path, (data, mode) in node_files().items():
+        h.update(f"{path}\0{mode:o}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
 
 
 def stage_image(
@@ -101,7 +128,8 @@ def stage_image(
         for tree in trees:
             run(["cp", "-a", "-l", "--remove-destination", f"{tree}/.", work])
         overlays.apply_overlays(site.paths.overlays, image.name, work)
-        replace_file(work, RUNNER, runner_source(), 0o755)
+        for path, (data, mode) in node_files().items():
+            replace_file(work, path, data, mode)
         rootpw.set_root_hash(work, rootpw.image_root_hash(site, image))
         info = resolved_modules_json(image, modules).encode()
         replace_file(work, "etc/qlustar/image.json", info, 0o644)

@@ -1,1 +1,2 @@
-"""Module packages: the Debian archive client, recipes, .deb packing, version resolution, the apt hook."""
+"""Module packages: the Debian archive client, recipes, reproducible .deb packing, version
+resolution against the pool, and the apt hook that feeds the pool."""

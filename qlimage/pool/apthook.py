@@ -15,12 +15,10 @@ Both commands carry `|| true`: a site that does not even load must not block apt
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import filecmp
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,18 +30,19 @@ import qlimage
 from qlimage.atomic import TMP_PREFIX, write_text
 from qlimage.errors import QlimageError
 from qlimage.image import publish
+from qlimage.layout import Layout
 from qlimage.pool.packages import PACKAGE_PREFIX, ModulePackage, module_from_control, read_control
 from qlimage.site import Site
 
 SNIPPET = "80qlimage"
 DEFAULT_APT_CONF_DIR = Path("/etc/apt/apt.conf.d")
-MARKER = ".apt-hook-pending"  # in the site's bootfiles: the pool changed, images are not built
 HEADER = "// Written by `qlimage apt-hook install`; remove with `qlimage apt-hook uninstall`."
 PREFIX = "qlimage apt-hook"
 
 
 def marker_path(site: Site) -> Path:
-    return site.paths.bootfiles / MARKER
+    """Left by collect when the pool changed; rebuild removes it once the images are built."""
+    return Layout(site).apt_hook_marker
 
 
 # --- the apt.conf.d snippet --------------------------------------------------------------------
@@ -56,17 +55,17 @@ def python_command() -> list[str]:
     interpreter alone would not import this very package (a source checkout found through
     PYTHONPATH), the hook sets PYTHONPATH itself.
     """
+    from qlimage.run import run
+
     here = Path(qlimage.__file__).resolve().parent
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    probe = subprocess.run(
+    probe = run(
         [sys.executable, "-P", "-c", "import qlimage; print(qlimage.__file__)"],
         cwd="/",
-        env=env,
-        capture_output=True,
-        text=True,
+        unset=["PYTHONPATH", "PYTHONHOME"],
+        capture=True,
         check=False,
     )
-    found = probe.stdout.strip()
+    found = probe.stdout.decode(errors="replace").strip()
     if probe.returncode == 0 and found and Path(found).resolve().parent == here:
         return [sys.executable, "-P"]
     return ["/usr/bin/env", f"PYTHONPATH={here.parent}", sys.executable, "-P"]
@@ -281,15 +280,13 @@ class Rebuilt:
 
 
 def image_generations(site: Site) -> dict[str, Path | None]:
-    from qlimage.layout import Layout
-
     layout = Layout(site)
     return {name: publish.current(layout.image_root(name)) for name in sorted(site.images)}
 
 
 def rebuild(site: Site, *, wait: bool = True) -> Rebuilt | None:
     """Build the images if the pool changed since; None (quickly) if it did not."""
-    from qlimage.cli import run_doit  # cli imports this module to register the command
+    from qlimage.tasks.run import run_graph
 
     marker = marker_path(site)
     if not marker.exists():
@@ -300,7 +297,7 @@ def rebuild(site: Site, *, wait: bool = True) -> Rebuilt | None:
         except FileNotFoundError:
             return None  # a rebuild that held the lock before us did it
         before = image_generations(site)
-        status = run_doit(site, ["run", "squashfs"])
+        status = run_graph(site, ["run", "squashfs"])
         after = image_generations(site)
         if status == 0:
             with contextlib.suppress(FileNotFoundError):
@@ -308,102 +305,3 @@ def rebuild(site: Site, *, wait: bool = True) -> Rebuilt | None:
                     marker.unlink()
     rebuilt = [name for name in after if after[name] != before.get(name)]
     return Rebuilt(status, rebuilt, [name for name in after if name not in rebuilt])
-
-
-# --- the command line --------------------------------------------------------------------------
-
-
-def cmd_install(site: Site, args: argparse.Namespace) -> int:
-    path = install(site, args.apt_conf_dir)
-    print(f"{PREFIX}: wrote {path}: apt now feeds {site.paths.pool} and rebuilds the images")
-    return 0
-
-
-def cmd_uninstall(site: Site, args: argparse.Namespace) -> int:
-    path = uninstall(args.apt_conf_dir)
-    if path is None:
-        print(f"{PREFIX}: no {args.apt_conf_dir / SNIPPET}: nothing to remove")
-    else:
-        print(f"{PREFIX}: removed {path}")
-    return 0
-
-
-def read_hook_input(args: argparse.Namespace) -> list[Path]:
-    if args.debs:
-        return list(args.debs)
-    if sys.stdin is None or sys.stdin.isatty():
-        raise QlimageError(
-            "collect reads apt's list of .deb files from stdin",
-            hint="give the .deb files as arguments to collect them by hand",
-        )
-    return hook_input_paths(sys.stdin.read().splitlines())
-
-
-def cmd_collect(site: Site, args: argparse.Namespace) -> int:
-    """Always 0: apt aborts the whole installation when a Pre-Install-Pkgs hook fails."""
-    try:
-        result = collect(site, read_hook_input(args))
-    except Exception as e:  # anything at all: report it and let apt go on
-        print(f"{PREFIX} collect: {e}", file=sys.stderr)
-        return 0
-    for error in result.errors:
-        print(f"{PREFIX} collect: {error}", file=sys.stderr)
-    summary = collect_summary(site, result)
-    if summary:
-        print(summary, file=sys.stderr)
-    return 0
-
-
-def cmd_rebuild(site: Site, args: argparse.Namespace) -> int:
-    try:
-        result = rebuild(site, wait=not args.no_wait)
-    except QlimageError as e:
-        raise QlimageError(
-            f"apt-hook rebuild: {e}",
-            hint=f"the pool change stays pending; fix this, then run "
-            f"`qlimage -C {site.paths.root} apt-hook rebuild` (or any apt run does it)",
-        ) from e
-    if result is None:
-        return 0
-    sys.stdout.flush()
-    rebuilt = ", ".join(result.rebuilt) or "none"
-    unchanged = ", ".join(result.unchanged) or "none"
-    if result.status != 0:
-        print(
-            f"{PREFIX}: image build failed (doit status {result.status}); the pool change stays "
-            f"pending (images rebuilt so far: {rebuilt})",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"{PREFIX}: images rebuilt: {rebuilt}; unchanged: {unchanged}", flush=True)
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `apt-hook` (install, uninstall, collect, rebuild) to the `qlimage` command."""
-    p = subparsers.add_parser(
-        "apt-hook", help="head node: module packages installed by apt rebuild the images"
-    )
-    actions = p.add_subparsers(dest="apt_hook_action", required=True)
-    for name, func, text in (
-        ("install", cmd_install, f"write the apt hooks to APT_CONF_DIR/{SNIPPET}"),
-        ("uninstall", cmd_uninstall, f"remove APT_CONF_DIR/{SNIPPET}"),
-    ):
-        a = actions.add_parser(name, help=text)
-        a.add_argument(
-            "--apt-conf-dir",
-            type=Path,
-            default=DEFAULT_APT_CONF_DIR,
-            help=f"apt's configuration parts directory (default: {DEFAULT_APT_CONF_DIR})",
-        )
-        a.set_defaults(func=func)
-    a = actions.add_parser(
-        "collect", help="(apt's Pre-Install-Pkgs hook) copy module .debs from stdin to the pool"
-    )
-    a.add_argument("debs", nargs="*", type=Path, help=".deb files instead of apt's list on stdin")
-    a.set_defaults(func=cmd_collect)
-    a = actions.add_parser(
-        "rebuild", help="(apt's Post-Invoke hook) rebuild the images if collect changed the pool"
-    )
-    a.add_argument("--no-wait", action="store_true", help="fail if another build is running")
-    a.set_defaults(func=cmd_rebuild)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,9 +77,7 @@ def add_busybox_links(tree: Path) -> None:
     if not busybox.exists():
         raise BuildError("busybox_links = true but the recipe's packages ship no /bin/busybox")
     # The binary is static and for our architecture, so it can tell its own applet list.
-    applets = subprocess.run(
-        [str(busybox), "--list-full"], capture_output=True, text=True, check=True
-    ).stdout.split()
+    applets = run([busybox, "--list-full"], capture=True).stdout.decode().split()
     for applet in sorted(applets):
         link = tree / applet
         if link.exists() or link.is_symlink():

@@ -6,13 +6,13 @@ This is the README's main job, the end-to-end tests' boot, and the seed of a boo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import ipaddress
 import os
 import queue
 import re
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from qlimage.errors import QlimageError
 from qlimage.layout import Layout
-from qlimage.run import find_tool
+from qlimage.run import PIPE, STDOUT, spawn
 from qlimage.site import Host, Site
 
 SUCCESS = (r"qlustar: init\.qlustar started", r"qlustar: handing over to ")
@@ -97,7 +97,7 @@ def qemu_command(site: Site, host: Host, tftpboot: Path, memory: int) -> list[st
         f"tftp={tftpboot},bootfile=pxelinux.0"
     )
     return [
-        find_tool("qemu-system-x86_64"),
+        "qemu-system-x86_64",
         "-accel",
         accelerator(),
         "-m",
@@ -139,26 +139,27 @@ def boot(
         raise QlimageError(f"{layout.tftpboot}: no TFTP tree yet", hint="run `qlimage build` first")
     pending = [re.compile(p) for p in success]
     failing = [re.compile(p) for p in failure]
+    command = qemu_command(site, host, layout.tftpboot, memory)
     server = serve(layout.bootfiles, site.http_port, overrides or {})
     start = time.monotonic()
-    proc = subprocess.Popen(
-        qemu_command(site, host, layout.tftpboot, memory),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            lines.put(raw.decode(errors="replace").rstrip("\r\n"))
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
     console: list[str] = []
     result = BootResult(False, f"timed out after {timeout:.0f} s", console)
-    try:
+    # Whatever happens, QEMU is stopped and reaped first, then the HTTP server.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(server.server_close)
+        cleanup.callback(server.shutdown)
+        proc = cleanup.enter_context(spawn(command, stdout=PIPE, stderr=STDOUT))
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            # spawn() closes the pipe once QEMU is stopped; the read then ends either way.
+            with contextlib.suppress(ValueError, OSError):
+                for raw in proc.stdout:
+                    lines.put(raw.decode(errors="replace").rstrip("\r\n"))
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
         while True:
             left = timeout - (time.monotonic() - start)
             if left <= 0:
@@ -183,11 +184,6 @@ def boot(
                 result.ok, result.reason = True, "boot reached init.qlustar"
                 drain(lines, console, on_line, settle)
                 break
-    finally:
-        proc.kill()
-        proc.wait()
-        server.shutdown()
-        server.server_close()
     result.seconds = time.monotonic() - start
     return result
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from qlimage.atomic import write_text
 from qlimage.errors import ConfigError
+from qlimage.layout import VALIDATION_CACHE
 from qlimage.site.model import (
     Archive,
     BootConfig,
@@ -37,30 +38,21 @@ from qlimage.site.model import (
 )
 
 SITE_FILE = "site.toml"
-VALIDATION_CACHE = ".validated.json"
-DEFAULT_SOURCE_DATE_EPOCH = 1700000000
-DEFAULT_HTTP_PORT = 80
-# NICs commonly found in HPC nodes plus QEMU's, and what the initrd needs to mount the image.
-DEFAULT_INITRD_MODULES = (
-    "virtio_pci",
-    "virtio_net",
-    "e1000",
-    "e1000e",
-    "igb",
-    "ixgbe",
-    "tg3",
-    "bnx2",
-    "squashfs",
-    "overlay",
-    "loop",
-    "nfsv4",  # the UnionFS chroot
-)
 
 
 @cache
 def schema(name: str) -> dict[str, Any]:
     text = resources.files("qlimage.site").joinpath(f"schemas/{name}.schema.json").read_text()
     return json.loads(text)
+
+
+def setting(raw: Mapping[str, Any], section: str, key: str) -> Any:
+    """site.toml's `[section] key`, else its default. The site schema is the one table of
+    defaults: each is written (and documented) there once, as the key's `default`."""
+    table = raw.get(section, {})
+    if key in table:
+        return table[key]
+    return schema("site")["properties"][section]["properties"][key].get("default")
 
 
 def json_path(path: Any) -> str:
@@ -188,11 +180,8 @@ def load_site(root: Path | str = ".") -> Site:
     if not site_path.exists():
         raise ConfigError([f"{site_path}: no site settings file (is {root} a qlimage site?)"])
     raw = read_toml(site_path, problems, SITE_FILE) or {}
-    bootfiles = (
-        raw.get("paths", {}).get("bootfiles", "bootfiles")
-        if isinstance(raw.get("paths"), dict)
-        else "bootfiles"
-    )
+    paths_ok = isinstance(raw.get("paths", {}), dict)  # not validated yet
+    bootfiles = setting(raw, "paths", "bootfiles") if paths_ok else None
     checked = ValidationCache(
         (root / os.path.expanduser(bootfiles) / VALIDATION_CACHE)
         if isinstance(bootfiles, str)
@@ -202,7 +191,7 @@ def load_site(root: Path | str = ".") -> Site:
     if problems:
         raise ConfigError(problems)
 
-    paths = make_paths(root, raw.get("paths", {}))
+    paths = make_paths(root, raw)
     networks = make_networks(raw["networks"], problems)
     chroots = load_chroots(paths, raw["head"]["address"], problems, checked)
     images = load_images(paths, chroots, problems, checked)
@@ -229,44 +218,45 @@ def load_site(root: Path | str = ".") -> Site:
         if host.bootconfig not in all_bootconfigs:
             all_bootconfigs[host.bootconfig] = BootConfig(host.bootconfig, host.bootconfig, "", "")
 
-    epoch = raw.get("site", {}).get("source_date_epoch")
+    key = "source_date_epoch"
+    epoch = raw.get("site", {}).get(key)
     if epoch is None:
-        env_epoch = os.environ.get("SOURCE_DATE_EPOCH", str(DEFAULT_SOURCE_DATE_EPOCH))
+        env_epoch = os.environ.get("SOURCE_DATE_EPOCH", str(setting({}, "site", key)))
         if not env_epoch.isdigit():
             raise ConfigError([f"SOURCE_DATE_EPOCH: not an integer: {env_epoch!r}"])
         epoch = int(env_epoch)
     head = raw["head"]
     archive = raw.get("archive", {})
     kernel = raw.get("kernel", {})
-    squashfs = raw.get("squashfs", {})
+    compressor = setting(raw, "squashfs", "compressor")
     return Site(
         name=raw.get("site", {}).get("name", root.name),
         source_date_epoch=int(epoch),
         head_address=head["address"],
-        http_port=head.get("http_port", DEFAULT_HTTP_PORT),
-        head_shadow=root / head.get("shadow", "/etc/shadow"),
+        http_port=setting(raw, "head", "http_port"),
+        head_shadow=root / setting(raw, "head", "shadow"),
         paths=paths,
         archive=Archive(
             sources=tuple(
                 (s["uri"].rstrip("/"), tuple(s["suites"]), tuple(s.get("components", ["main"])))
                 for s in archive.get("sources", [])
             ),
-            arch=archive.get("arch", "amd64"),
-            index_max_age=float(archive.get("index_max_age", 86400)),
+            arch=setting(raw, "archive", "arch"),
+            index_max_age=float(setting(raw, "archive", "index_max_age")),
         ),
-        kernel_package=kernel.get("package", "linux-image-amd64"),
+        kernel_package=setting(raw, "kernel", "package"),
         kernel_deb=(root / kernel["deb"]) if "deb" in kernel else None,
-        initrd_modules=tuple(raw.get("initrd", {}).get("modules", DEFAULT_INITRD_MODULES)),
-        squashfs_compressor=squashfs.get("compressor", "zstd"),
-        squashfs_level=squashfs.get("level", default_level(squashfs.get("compressor", "zstd"))),
-        squashfs_block_size=squashfs.get("block_size", 131072),
+        initrd_modules=tuple(setting(raw, "initrd", "modules")),
+        squashfs_compressor=compressor,
+        squashfs_level=setting(raw, "squashfs", "level") or default_level(compressor),
+        squashfs_block_size=setting(raw, "squashfs", "block_size"),
         networks=MappingProxyType(networks),
         images=MappingProxyType(images),
         bootconfigs=MappingProxyType(all_bootconfigs),
         default_bootconfig=default,
-        serial=boot.get("serial", "0 115200"),
-        console=boot.get("console", "ttyS0,115200"),
-        keep_generations=raw.get("publish", {}).get("keep", 3),
+        serial=setting(raw, "boot", "serial"),
+        console=setting(raw, "boot", "console"),
+        keep_generations=setting(raw, "publish", "keep"),
         hosts=tuple(sorted(hosts, key=lambda h: h.name)),
         recipes=tuple(recipes),
         chroots=MappingProxyType(chroots),
@@ -283,22 +273,15 @@ def default_level(compressor: str) -> int | None:
     return 15 if compressor == "zstd" else None
 
 
-def make_paths(root: Path, raw: Mapping[str, str]) -> Paths:
-    def p(key: str, default: str) -> Path:
-        return (root / os.path.expanduser(raw.get(key, default))).resolve()
+def make_paths(root: Path, raw: Mapping[str, Any]) -> Paths:
+    def p(key: str) -> Path:
+        value = setting(raw, "paths", key)
+        if key == "cache" and key not in raw.get("paths", {}):
+            value = os.environ.get("QLIMAGE_CACHE", value)
+        return (root / os.path.expanduser(value)).resolve()
 
-    return Paths(
-        root=root,
-        bootfiles=p("bootfiles", "bootfiles"),
-        pool=p("pool", "modules/pool"),
-        images=p("images", "images.d"),
-        nodes=p("nodes", "nodes.d"),
-        overlays=p("overlays", "overlays"),
-        rootfs=p("rootfs", "rootfs"),
-        chroots=p("chroots", "chroots"),
-        modules=p("modules", "modules"),
-        cache=p("cache", os.environ.get("QLIMAGE_CACHE", "~/.cache/qlimage")),
-    )
+    keys = ("bootfiles", "pool", "images", "nodes", "overlays", "rootfs", "chroots", "modules")
+    return Paths(root=root, cache=p("cache"), **{key: p(key) for key in keys})
 
 
 def make_networks(raw: Mapping[str, Any], problems: list[str]) -> dict[str, Network]:

@@ -11,9 +11,7 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +20,12 @@ from typing import Any
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from qlimage.atomic import TMP_PREFIX, write_bytes, write_text
+from qlimage.atomic import write_text
 from qlimage.boot import pxelinux as pxe
+from qlimage.bundle import publish as node_files
 from qlimage.bundle import render as bundle
 from qlimage.errors import QlimageError
-from qlimage.image import changelogs, initrd, kernel, overlays, publish, rootpw, squashfs, stage
+from qlimage.image import generations, initrd, kernel, overlays, publish, rootpw, stage
 from qlimage.layout import Layout
 from qlimage.pool import recipes
 from qlimage.pool.packages import (
@@ -36,12 +35,10 @@ from qlimage.pool.packages import (
     save_control_cache,
     scan_pool,
 )
-from qlimage.run import run
-from qlimage.site import Host, Image, Site
-from qlimage.trees import file_digest, manifest
+from qlimage.site import Image, Site
+from qlimage.trees import manifest
 
 Task = dict[str, Any]
-DEP_FILE = ".doit-state.json"
 
 
 def doit_config(site: Site) -> dict[str, Any]:
@@ -49,10 +46,11 @@ def doit_config(site: Site) -> dict[str, Any]:
     # admin's umask, what the build creates is world-readable unless it sets a tighter mode itself
     # (secrets do). This also keeps the umask out of the bytes of every archive we make.
     os.umask(0o022)
-    site.paths.bootfiles.mkdir(parents=True, exist_ok=True)
-    repair_state(site.paths.bootfiles / DEP_FILE)
+    layout = Layout(site)
+    layout.bootfiles.mkdir(parents=True, exist_ok=True)
+    repair_state(layout.doit_state)
     return {
-        "dep_file": str(site.paths.bootfiles / DEP_FILE),
+        "dep_file": str(layout.doit_state),
         "backend": "json",
         "verbosity": 1,
         "default_tasks": None,
@@ -85,10 +83,11 @@ def sync_manifest(tree: Path, output: Path) -> Path:
 
 def module_pool(site: Site) -> list[ModulePackage]:
     """The pool's .debs plus the ones recipes will build (known by name and version already)."""
-    cache = site.paths.bootfiles / ".pool-control.json"
+    layout = Layout(site)
+    cache = layout.pool_cache
     load_control_cache(cache)
     pool = {m.path: m for m in scan_pool(site.paths.pool)}
-    if site.paths.bootfiles.is_dir():
+    if layout.bootfiles.is_dir():
         save_control_cache(cache)
     for r in site.recipes:
         path = recipes.recipe_output(site, r)
@@ -181,30 +180,11 @@ def task_kernel(site: Site) -> Task:
 def task_initrd(site: Site) -> Task:
     layout = Layout(site)
 
-    def build(gen: Path) -> list[Path]:
-        k = kernel.read_kernel(layout.kernel_dir)
-        from qlimage.pool.mirror import fetch_package
-
-        busybox_deb = fetch_package(site, "busybox-static")
-        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=layout.bootfiles) as tmp:
-            run(["dpkg-deb", "-x", busybox_deb, tmp])
-            initrd.build_initrd(
-                gen / "initrd.img",
-                busybox=Path(tmp, "bin/busybox"),
-                kernel_modules=k.modules,
-                kver=k.kver,
-                modules=site.initrd_modules,
-                epoch=site.source_date_epoch,
-            )
-        shutil.copyfile(k.vmlinuz, gen / "vmlinuz")
-        os.chmod(gen / "vmlinuz", 0o644)
-        return [gen / "vmlinuz", gen / "initrd.img"]
-
     return {
         "doc": "initrd (busybox, /init, NIC and image modules) and the kernel",
         "file_dep": [str(layout.kernel_info)],
         "targets": [str(layout.boot_current)],
-        "actions": [lambda: publish.publish(layout.boot, build, site.keep_generations) and None],
+        "actions": [(generations.publish_boot, [site])],
         "uptodate": [
             config_changed(
                 {
@@ -254,34 +234,11 @@ def task_images(site: Site, p: Plan) -> Iterator[Task]:
                     {
                         "modules": resolved,
                         "rootpw": p.rootpw[image.name],
-                        "runner": hashlib.sha256(stage.runner_source()).hexdigest(),
+                        "runner": stage.node_files_digest(),
                     }
                 )
             ],
         }
-
-        def do_squashfs(image: Image = image, resolved: str = resolved) -> None:
-            def build(gen: Path) -> list[Path]:
-                img = gen / f"{image.name}.img"
-                squashfs.make_squashfs(
-                    layout.stage(image.name),
-                    img,
-                    compressor=site.squashfs_compressor,
-                    level=site.squashfs_level,
-                    block_size=site.squashfs_block_size,
-                    epoch=site.source_date_epoch,
-                )
-                (gen / "modules.json").write_text(resolved)
-                (img.with_name(img.name + ".sha256")).write_text(
-                    f"{file_digest(img)}  {img.name}\n"
-                )
-                shutil.copytree(
-                    stage.state_dir(layout.stage(image.name)), gen / changelogs.STATE_DIR
-                )
-                # Named by the checksum file, not the image: the image is hashed once.
-                return [img.with_name(img.name + ".sha256"), gen / "modules.json"]
-
-            publish.publish(layout.image_root(image.name), build, site.keep_generations)
 
         yield {
             "basename": "squashfs",
@@ -289,7 +246,7 @@ def task_images(site: Site, p: Plan) -> Iterator[Task]:
             "doc": f"pack image {image.name} as squashfs ({site.squashfs_compressor}) with sha256",
             "file_dep": [str(stage_manifest)],
             "targets": [str(layout.image_current(image.name))],
-            "actions": [do_squashfs],
+            "actions": [(generations.publish_image, [site, image, resolved])],
             "uptodate": [
                 config_changed(
                     {
@@ -327,39 +284,20 @@ def task_pxelinux(site: Site) -> Iterator[Task]:
     }
 
 
-def write_bundle(site: Site, host: Host, target: Path) -> None:
-    """Render the node's bundle and publish it with its checksum (checksum last: a node that
-    reads a new bundle with an old checksum refuses it and retries)."""
-    data = bundle.bundle_json(bundle.render_bundle(site, host))
-    write_bytes(target, data)
-    digest = hashlib.sha256(data).hexdigest()
-    write_text(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n")
-    write_text(target.with_name(CHROOT_FILE), chroot_line(site, host))
-
-
-# The initrd reads this before it builds the union: overlayfs cannot gain a layer later, so a
-# node's chroot (its own option, else its image's) must be known then, not by the runner.
-CHROOT_FILE = "chroot"
-
-
-def chroot_line(site: Site, host: Host) -> str:
-    chroot = site.host_chroot(host)
-    return f"{chroot.name} {chroot.source}\n" if chroot else ""
-
-
 def task_bundles(site: Site) -> Iterator[Task]:
     layout = Layout(site)
     yield group("bundle", "per-node bundle: every file and action the node runner applies")
     for host in site.hosts:
-        target = layout.bundle(host)
         yield {
             "name": host.name,
             "doc": f"bundle of {host.name} ({host.mac})",
             "file_dep": [],
-            "targets": [str(target), str(target) + ".sha256", str(target.parent / CHROOT_FILE)],
-            "actions": [(write_bundle, [site, host, target])],
+            "targets": [str(t) for t in node_files.targets(layout, host)],
+            "actions": [(node_files.publish_node, [site, host])],
             "uptodate": [
-                config_changed(bundle.bundle_inputs(site, host) + chroot_line(site, host))
+                config_changed(
+                    bundle.bundle_inputs(site, host) + node_files.chroot_line(site, host)
+                )
             ],
         }
 

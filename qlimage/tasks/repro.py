@@ -31,7 +31,6 @@ import hashlib
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlimage.atomic import TMP_PREFIX
-from qlimage.errors import QlimageError
+from qlimage.errors import CommandTimeout, QlimageError
+from qlimage.run import STDOUT, run
 from qlimage.site import Site, load_site
 
 if TYPE_CHECKING:
@@ -267,18 +267,12 @@ def run_diffoscope(
     if tool is None:
         return ["diffoscope is not installed (apt-get install diffoscope-minimal)"]
     try:
-        proc = subprocess.run(
-            [tool, "--text", "-", str(a), str(b)],
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
+        proc = run([tool, "--text", "-", a, b], capture=True, check=False, timeout=timeout)
+    except CommandTimeout:
         return [f"diffoscope timed out after {timeout:.0f} s"]
-    text = proc.stdout.splitlines()
+    text = proc.stdout.decode(errors="replace").splitlines()
     if proc.returncode not in (0, 1) and not text:
-        err = proc.stderr.strip().splitlines()
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
         return [f"diffoscope failed (status {proc.returncode}): {err[-1] if err else ''}"]
     if len(text) > lines:
         return [*text[:lines], f"... ({len(text) - lines} more lines)"]
@@ -332,7 +326,7 @@ class CopyPlan:
 
 
 def copy_plan(site: Site, *, also_skip: Iterable[Path] = ()) -> CopyPlan:
-    from qlimage.pool.packages import recipes
+    from qlimage.pool import recipes
 
     root = site.paths.root
     skip = {r for p in (site.paths.bootfiles, *also_skip) if (r := inside(p, root))}
@@ -488,14 +482,8 @@ def run_build(site: Site, copy_root: Path, variant: Variant, log: Path) -> Build
         env["NO_FAKE_STAT"] = "1"  # shifted file mtimes would be faketime's doing, not ours
     started = time.time()
     with log.open("wb") as f:
-        proc = subprocess.run(
-            cmd,
-            cwd=copy_root,
-            env=env,
-            umask=variant.umask,
-            stdin=subprocess.DEVNULL,
-            stdout=f,
-            stderr=subprocess.STDOUT,
+        proc = run(
+            cmd, cwd=copy_root, env=env, umask=variant.umask, stdout=f, stderr=STDOUT, check=False
         )
     return Build(variant, proc.returncode, time.time() - started, log, started, bool(faketime))
 
@@ -516,7 +504,7 @@ def package_digest() -> str:
 def output_roots(copy: Site) -> list[str]:
     """What a build produces that nodes or the pool consume, relative to the site directory."""
     from qlimage.layout import Layout
-    from qlimage.pool.packages import recipes
+    from qlimage.pool import recipes
 
     layout = Layout(copy)
     roots = [layout.tftpboot, layout.pxelinux_cfg, layout.qlustar]
@@ -596,32 +584,3 @@ def repro_check(
             out(f"repro-check: kept {tmp} (a/, b/, build-a.log, build-b.log)")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --- the command --------------------------------------------------------------------------------
-
-
-def flushed(line: str) -> None:
-    print(line, flush=True)
-
-
-def cmd_repro_check(site: Site, args: argparse.Namespace) -> int:
-    return repro_check(site.paths.root, keep=args.keep, diffoscope=args.diffoscope, out=flushed)
-
-
-def register(subparsers: SubParsers) -> None:
-    """Add `repro-check` to the `qlimage` command's subcommands."""
-    s = subparsers.add_parser(
-        "repro-check",
-        help="build the site twice from scratch, differently, and compare every output",
-    )
-    s.add_argument(
-        "--keep", action="store_true", help="keep both build trees and logs and print where"
-    )
-    s.add_argument(
-        "--diffoscope",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="show diffoscope's report for each differing file (default: when installed)",
-    )
-    s.set_defaults(func=cmd_repro_check)

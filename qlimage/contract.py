@@ -1,0 +1,117 @@
+"""Every name the node relies on, defined once: the head side of the head <-> node contract.
+
+The node (qlimage/node: the initrd's /init, /sbin/init.qlustar, the runner) cannot import this
+module; the runner mirrors what it needs in qlimage/node/runner/names.py and
+tests/test_node_contract.py keeps both, and the shell scripts, in step with this file.
+
+A leaf module: constants and tiny pure functions, no imports from qlimage.
+"""
+
+from __future__ import annotations
+
+# --- URL paths below the head's qlustar tree ----------------------------------------------
+# The tree is served over HTTP at <qlustar.http> and reachable from the TFTP root as qlustar/.
+QLUSTAR_DIR = "qlustar"
+
+NODES_DIR = "nodes"  # nodes/<mac>/: one directory per node, named by its MAC with dashes
+BUNDLE_FILE = "bundle.json"  # the node's bundle, fetched by the runner
+CHECKSUM_SUFFIX = ".sha256"  # <file>.sha256 beside a file: `<hex>  <file name>` (sha256sum)
+CHROOT_FILE = "chroot"  # nodes/<mac>/chroot: CHROOT_LINE or empty, read by the initrd
+IMAGES_DIR = "images"  # images/<image>/: the image's generations, CURRENT and HISTORY
+BOOT_DIR = "boot"  # boot/: the kernel and initrd generations, CURRENT and HISTORY
+
+# --- a published generation ---------------------------------------------------------------
+CURRENT = "current"  # link to the current generation, in images/<image>/ and boot/
+HISTORY = "history"  # the generations kept, oldest first, one a line
+GENERATION = "generation"  # in each generation: its own name and a newline
+MODULES_JSON = "modules.json"  # in an image generation: the resolved modules
+KERNEL_FILE = "vmlinuz"  # in a boot generation
+INITRD_FILE = "initrd.img"  # in a boot generation
+
+# --- the kernel command line (written by the boot loader configs, read on the node) --------
+CMDLINE_HTTP = "qlustar.http"  # base URL of the head's qlustar tree (initrd, runner)
+CMDLINE_IMAGE = "qlustar.image"  # image name (initrd)
+CMDLINE_PATH = "qlustar.path"  # the image's directory below the base: image_path() (initrd)
+CMDLINE_SUM = "qlustar.sum"  # checksum file name in a generation: image_sum_file() (initrd)
+CMDLINE_BOOTCFG = "qlustar.bootcfg"  # the boot config's name (for the admin; boot tests)
+CMDLINE_PXECFG = "qlustar.pxecfg"  # the pxelinux.cfg file that booted (default or a HOSTID)
+CMDLINE_MCAST = "qlustar.mcast"  # <head>:<port> of the multicast daemon, optional (initrd)
+CMDLINE_BOOTIF = "BOOTIF"  # 01-<mac with dashes>, from pxelinux IPAPPEND 2 (initrd, runner)
+CMDLINE_DEBUG = "debug"  # bare flag: more console output (initrd, init.qlustar, runner)
+CMDLINE_INITRD_SHELL = "initrd-shell"  # bare flag: a shell in the initrd before the network
+CMDLINE_EARLY_SHELL = "early-shell"  # bare flag: a shell at the start of init.qlustar
+
+# Every key the node reads from /proc/cmdline.
+CMDLINE_KEYS = (
+    CMDLINE_HTTP,
+    CMDLINE_IMAGE,
+    CMDLINE_PATH,
+    CMDLINE_SUM,
+    CMDLINE_BOOTCFG,
+    CMDLINE_PXECFG,
+    CMDLINE_MCAST,
+    CMDLINE_BOOTIF,
+    CMDLINE_DEBUG,
+    CMDLINE_INITRD_SHELL,
+    CMDLINE_EARLY_SHELL,
+)
+
+# --- the bundle ------------------------------------------------------------------------------
+BUNDLE_FORMAT = 1  # the runner refuses any other format
+OPTIONS_DIR = "/etc/qlustar/options.d"  # option files the bundle writes on the node
+DISK_CONFIG = "disk-config"  # OPTIONS_DIR/disk-config: the local disk, read by the runner
+DEFAULT_DISK_LABEL = "gpt"  # the partition table when the disk option names none
+DEFAULT_DISK_WIPE = "if-unformatted"  # the wipe policy when the disk option names none
+
+# --- paths in every image (installed by the pipeline, see qlimage/image/stage.py) ----------
+INIT_QLUSTAR_PATH = "/sbin/init.qlustar"  # the initrd switches root to it
+RUNNER_PATH = "/usr/lib/qlustar/qlustar-runner"  # init.qlustar runs it
+INIT_D_DIR = "/lib/qlustar/init.d"  # Root FS Customization scripts, run by the runner
+
+
+def node_dir(mac: str) -> str:
+    """nodes/<mac>: `52:54:00:AB:CD:EF` -> `nodes/52-54-00-ab-cd-ef`."""
+    return f"{NODES_DIR}/{mac.replace(':', '-').lower()}"
+
+
+def bundle_path(mac: str) -> str:
+    return f"{node_dir(mac)}/{BUNDLE_FILE}"
+
+
+def checksum_name(name: str) -> str:
+    """The checksum file beside `name`."""
+    return f"{name}{CHECKSUM_SUFFIX}"
+
+
+def checksum_line(digest: str, name: str) -> str:
+    """The content of a checksum file (sha256sum format): `<hex>  <file name>`."""
+    return f"{digest}  {name}\n"
+
+
+def chroot_line(name: str, source: str) -> str:
+    """nodes/<mac>/chroot: `<name> <server> <port> <path>` (source: `<server> <port> <path>`)."""
+    return f"{name} {source}\n"
+
+
+def image_path(image: str) -> str:
+    """The image's directory below the qlustar tree (the value of qlustar.path)."""
+    return f"{IMAGES_DIR}/{image}"
+
+
+def image_file(image: str) -> str:
+    """The squashfs file in an image generation."""
+    return f"{image}.img"
+
+
+def image_sum_file(image: str) -> str:
+    """The image's checksum file in a generation (the value of qlustar.sum)."""
+    return checksum_name(image_file(image))
+
+
+def boot_path(name: str) -> str:
+    """A file of the current boot generation, relative to the TFTP root (pxelinux KERNEL/INITRD)."""
+    return f"{QLUSTAR_DIR}/{BOOT_DIR}/{CURRENT}/{name}"
+
+
+def cmdline_arg(key: str, value: str) -> str:
+    return f"{key}={value}"

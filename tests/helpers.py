@@ -1,0 +1,383 @@
+"""Shared test helpers (constants and functions, no fixtures): tests import them with
+`from helpers import ...`; conftest.py holds the fixtures and imports from here too.
+
+Sections:
+- running qlimage: the repository, the `qlimage` command line, a free TCP port;
+- the build site: a small real site (`write_site`) that `qlimage build` builds with the demo's
+  core module (Debian packages from the cached archive) and that the boot tests boot;
+- the bundle site: a site with many hosts and every node option (`make_site`), whose per-node
+  configuration bundles are rendered (`render`) but never built into an image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from qlimage.bundle import render as qb
+from qlimage.bundle.render import Bundle
+from qlimage.site import Site
+
+# --- running qlimage -----------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+QLIMAGE = [sys.executable, "-m", "qlimage"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def qlimage(
+    *args: str, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [*QLIMAGE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"qlimage {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+# --- the build site (built with `qlimage build`, booted by test_boot.py) -------------------------
+
+BUILD_SITE_TOML = """\
+[site]
+name = "test"
+source_date_epoch = 1700000000
+
+[head]
+address = "10.0.2.2"
+http_port = {port}
+
+[networks.boot]
+cidr = "10.0.2.0/24"
+gateway = "10.0.2.2"
+boot = true
+
+[boot]
+default = "fallback"
+
+[bootconfigs.compute]
+image = "demo"
+append = "debug"
+
+[bootconfigs.fallback]
+image = "demo"
+"""
+
+BUILD_IMAGE_TOML = """\
+name = "demo"
+flavor = "bookworm"
+version = "11"
+modules = ["core"]
+"""
+
+ADMIN_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk7Jc4LkQ1wY8+3x2lqj4mGQ0bqGv6mZ7W3aQbqK0Yd admin@head"
+)
+
+BUILD_NODES_TOML = """\
+[optionsets.compute]
+rootfs = ["tweaks"]
+authorized_keys = ["{key}"]
+
+[groups.rack1]
+optionsets = ["compute"]
+
+[[hosts]]
+name = "beo-01"
+mac = "52:54:00:12:34:56"
+bootconfig = "compute"
+groups = ["rack1"]
+networks.boot = {{ address = "10.0.2.15", aliases = ["node1"] }}
+
+[[hosts]]
+name = "beo-02"
+mac = "52:54:00:12:34:57"
+image = "demo"
+networks.boot = "10.0.2.16"
+"""
+
+
+def write_site(root: Path, *, port: int | None = None) -> Path:
+    """A test site using the demo's core recipe (Debian packages from the cached archive)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "site.toml").write_text(BUILD_SITE_TOML.format(port=port or free_port()))
+    (root / "images.d").mkdir(exist_ok=True)
+    (root / "images.d/demo.toml").write_text(BUILD_IMAGE_TOML)
+    (root / "nodes.d").mkdir(exist_ok=True)
+    (root / "nodes.d/cluster.toml").write_text(BUILD_NODES_TOML.format(key=ADMIN_KEY))
+    shutil.copytree(REPO / "modules/core", root / "modules/core", dirs_exist_ok=True)
+    write_rootfs_config(root / "rootfs/tweaks")
+    return root
+
+
+# Root FS Customization scripts write to the console so a boot test can see them run, in order.
+SCRIPT = """#!/bin/sh
+echo "qlustar-test: {name} ran" > /dev/console
+{extra}
+"""
+
+
+def write_rootfs_config(top: Path) -> None:
+    """Two init.d scripts and a file owned by daemon (uid 1 in the core module) with mode 0640."""
+    initd = top / "lib/qlustar/init.d"
+    initd.mkdir(parents=True, exist_ok=True)
+    for name, extra in (
+        ("10-first", ""),
+        (
+            "20-second",
+            "echo \"qlustar-test: secret $(stat -c '%U:%G %a' /etc/qlustar/secret)\""
+            " > /dev/console\n"
+            "[ -e /opt/chroot-marker ] &&"
+            ' echo "qlustar-test: chroot says $(cat /opt/chroot-marker)" > /dev/console; true',
+        ),
+    ):
+        path = initd / name
+        path.write_text(SCRIPT.format(name=name, extra=extra))
+        os.chmod(path, 0o755)
+    secret = top / "etc/qlustar/secret"
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text("only for daemon\n")
+    os.chown(secret, 1, 1)
+    os.chmod(secret, 0o640)
+    for d in (top, *[p for p in top.rglob("*") if p.is_dir()]):
+        os.chmod(d, 0o755)
+
+
+# --- the bundle site (rendered per-node bundles; test_bundle*.py, test_noderunner.py) ------------
+
+UID = 54321  # a numeric owner unknown to the head's passwd/group
+BINARY = bytes(range(256))
+
+KEY_ED25519 = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICE5jlDcQmQdHlCOOMEZUv+Kk30+tY0Rme2VrlVtB0mS admin@head"
+)
+KEY_ECDSA = (
+    "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBBKPodcT7cFHgVbH"
+    "/PS+jmXLJl7pSJOxvnlO0EEEvn+2i1/HgJLwr++QgZLC0X+YdTn5q/W9JEIVtv5+5XBiSEg= ops@head"
+)
+
+BUNDLE_SITE_TOML = """\
+[site]
+name = "bundle-test"
+
+[head]
+address = "10.0.2.2"
+http_port = 8470
+
+[networks.boot]
+cidr = "10.0.2.0/24"
+gateway = "10.0.2.2"
+boot = true
+
+[networks.ib]
+cidr = "10.10.0.0/16"
+mtu = 2044
+
+[networks.ipmi]
+cidr = "10.1.0.0/16"
+gateway = "10.1.0.1"
+
+[networks.data]
+cidr = "192.168.0.0/24"
+mtu = 9000
+
+[bootconfigs.compute]
+image = "demo"
+
+[bootconfigs.rhel]
+image = "rhel"
+"""
+
+BUNDLE_IMAGES = {
+    "demo.toml": 'name = "demo"\nflavor = "bookworm"\nversion = "11"\nmodules = ["core"]\n',
+    "rhel.toml": 'name = "rhel"\nflavor = "el9"\nversion = "11"\nmodules = ["core"]\n',
+    "odd.toml": 'name = "odd"\nflavor = "haiku"\nversion = "11"\nmodules = ["core"]\n',
+}
+
+BUNDLE_OPTIONSETS_TOML = f"""\
+[optionsets.compute]
+mounts = [
+  {{ what = "head:/srv/data", where = "/srv/data", options = "vers=4,ro" }},
+  {{ what = "head:/home", where = "/home/", type = "nfs4", automount = true, idle_timeout = 600 }},
+  {{ what = "tmpfs", where = "/scratch/tmp", type = "tmpfs", options = "size=10%,mode=1777" }},
+]
+authorized_keys = ["{KEY_ED25519}", "{KEY_ECDSA}"]
+mail = {{ relayhost = "[head]" }}
+opensm = false
+
+[optionsets.ib]
+opensm = true
+network = {{ interfaces = [
+  {{ device = "eth0", network = "boot" }},
+  {{ device = "ib0", network = "ib", mtu = 65520 }},
+] }}
+
+[optionsets.scratch]
+disk = {{ device = "/dev/sda", label = "gpt", wipe = "if-unformatted", partitions = [
+  {{ size = "16GiB", fs = "swap" }},
+  {{ size = "rest", fs = "xfs", mount = "/scratch", label = "scratch", options = "noatime" }},
+] }}
+
+[optionsets.gpu]
+rootfs = ["base", "gpu"]
+pam_slurm = true
+
+[optionsets.mailer]
+mail = {{ relayhost = "smtp1.example.org" }}
+
+[[optionsets.bonded.network.interfaces]]
+device = "eth0"
+network = "boot"
+gateway = false
+
+[[optionsets.bonded.network.interfaces]]
+device = "bond0"
+network = "data"
+bond = {{ slaves = ["eth1", "eth2"], mode = "802.3ad" }}
+
+[[optionsets.bonded.network.interfaces]]
+device = "ib0"
+dhcp = true
+mtu = 2044
+
+[groups.rack1]
+optionsets = ["compute", "ib"]
+"""
+
+BUNDLE_HOSTS_TOML = """\
+[[hosts]]
+name = "beo-01"
+mac = "52:54:00:12:34:56"
+bootconfig = "compute"
+groups = ["rack1"]
+optionsets = ["scratch", "gpu", "mailer"]
+networks.boot = "10.0.2.15"
+networks.ib = "10.10.0.15"
+networks.ipmi = "10.1.0.15"
+[hosts.options]
+ipmi = { network = "ipmi" }
+chroot = "hpc"
+mail = { relayhost = "[smtp2.example.org]:587" }
+
+[[hosts]]
+name = "beo-02"
+mac = "52:54:00:12:34:57"
+bootconfig = "rhel"
+optionsets = ["bonded"]
+networks.boot = "10.0.2.16"
+networks.data = "192.168.0.16"
+[hosts.options]
+ipmi = { network = "boot", channel = 2 }
+pam_slurm = false
+
+[[hosts]]
+name = "beo-03"
+mac = "52:54:00:12:34:58"
+image = "demo"
+groups = ["rack1"]
+networks.boot = "10.0.2.17"
+networks.ib = "10.10.0.17"
+
+[[hosts]]
+name = "beo-04"
+mac = "52:54:00:12:34:59"
+image = "demo"
+groups = ["rack1"]
+optionsets = ["mailer"]
+networks.boot = "10.0.2.18"
+networks.ib = "10.10.0.18"
+
+[[hosts]]
+name = "beo-05"
+mac = "52:54:00:12:34:5a"
+image = "demo"
+optionsets = ["bonded"]
+networks.boot = "10.0.2.19"
+networks.data = "192.168.0.19"
+
+[[hosts]]
+name = "beo-06"
+mac = "52:54:00:12:34:5b"
+image = "odd"
+networks.boot = "10.0.2.20"
+"""
+
+
+def write(
+    path: Path, data: str | bytes, mode: int = 0o644, owner: tuple[int, int] = (0, 0)
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    path.write_bytes(data)
+    os.chown(path, *owner)
+    os.chmod(path, mode)  # after chown, which clears setuid bits
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} not exactly once in {path}"
+    path.write_text(text.replace(old, new))
+
+
+def make_dir(path: Path, mode: int = 0o755, owner: tuple[int, int] = (0, 0)) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, *owner)
+    os.chmod(path, mode)
+
+
+def make_rootfs(rootfs: Path) -> None:
+    """Two Root FS Customization configs; `gpu` overrides parts of `base`."""
+    base, gpu = rootfs / "base", rootfs / "gpu"
+    for d in (base, gpu):
+        make_dir(d, 0o700)  # the config's own directory is not a node path
+    make_dir(base / "etc")
+    write(base / "etc/motd", "Welcome to the cluster\n")
+    write(base / "etc/security/limits.d/90-hpc.conf", "* soft memlock unlimited\n")
+    write(base / "opt/tool", BINARY, 0o4755, (UID, UID))
+    make_dir(base / "var/spool/jobs", 0o1777, (1, 1))  # daemon:daemon
+    write(base / "root/secret", "s3cret\n", 0o600)
+    make_dir(base / "opt/cfg")
+    write(base / "opt/cfg/a.conf", "a = 1\n")
+    make_dir(gpu / "etc")
+    write(gpu / "etc/motd", "GPU node\n", 0o640, (0, 1))
+    write(gpu / "lib/qlustar/init.d/50-nvidia", "#!/bin/sh\nnvidia-smi -pm 1\n", 0o755)
+    (gpu / "usr/local/bin").mkdir(parents=True)
+    os.symlink("/opt/nvidia/bin/nv", gpu / "usr/local/bin/nv")
+    os.lchown(gpu / "usr/local/bin/nv", UID, UID)
+    make_dir(gpu / "opt")
+    os.symlink("/etc/nvidia", gpu / "opt/cfg")  # replaces base's directory and its contents
+
+
+def make_site(root: Path, *, extra_hosts: str = "", keys: tuple[str, ...] = ()) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "site.toml").write_text(BUNDLE_SITE_TOML)
+    for name, text in BUNDLE_IMAGES.items():
+        write(root / "images.d" / name, text)
+    optionsets = BUNDLE_OPTIONSETS_TOML
+    if keys:
+        listed = ", ".join(json.dumps(k) for k in keys)
+        optionsets = optionsets.replace(f'["{KEY_ED25519}", "{KEY_ECDSA}"]', f"[{listed}]")
+    write(root / "nodes.d/options.toml", optionsets)
+    write(root / "nodes.d/hosts.toml", BUNDLE_HOSTS_TOML + extra_hosts)
+    (root / "chroots/hpc").mkdir(parents=True)
+    (root / "chroots/hpc/chroot.toml").write_text('export = "/srv/chroots/hpc"\n')
+    make_rootfs(root / "rootfs")
+    return root
+
+
+def render(site: Site, name: str) -> Bundle:
+    return qb.render_bundle(site, site.host(name))
