@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qlimage.image import squashfs
+from qlimage.image import squashfs  # noqa: E402
 from qlimage.layout import Layout  # noqa: E402
 from qlimage.site import load_site  # noqa: E402
 

@@ -22,9 +22,12 @@ No other module spells a path below bootfiles/; the names a node fetches come fr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlimage import contract
-from qlimage.site.model import Host, Site
+
+if TYPE_CHECKING:  # the site loader imports this module: no import cycle at run time
+    from qlimage.site.model import Host, Site
 
 # Hidden state files directly below bootfiles/.
 LOCK = ".build.lock"
@@ -50,6 +53,7 @@ class Layout:
         self.boot = self.qlustar / contract.BOOT_DIR
         self.boot_current = self.boot / contract.CURRENT
         self.manifests = b / "manifests"
+        self.stage_dir = b / "stage"
         self.module_cache = b / "cache" / "modules"
         self.lock = b / LOCK
         self.running = b / RUNNING
@@ -93,10 +97,10 @@ class Layout:
         return self.node_dir(host) / contract.BUNDLE_FILE
 
     def stage(self, name: str) -> Path:
-        return self.bootfiles / "stage" / name
+        return self.stage_dir / name
 
     def stage_manifest(self, name: str) -> Path:
-        return self.bootfiles / "stage" / f"{name}.manifest"
+        return self.stage_dir / f"{name}.manifest"
 
     def module_tree(self, package: str, version: str) -> Path:
         """An unpacked module package, shared by every image that uses it."""

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from qlimage.commands import apt_hook
 from qlimage.errors import QlimageError
+from qlimage.layout import Layout
 from qlimage.pool import apthook
 from qlimage.pool.debpack import build_deb
 from qlimage.site import load_site
@@ -163,14 +165,14 @@ def site(tmp_path: Path) -> HookSite:
     return HookSite(root, debs)
 
 
-# --- in-process: the hook's pieces, through a parser like cli.py's ---------------------------
+# --- in-process: the hook's pieces, through the command's own parser ---------------------------
 
 
 def local_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlimage")
     p.add_argument("-C", "--site", default=".")
     sub = p.add_subparsers(dest="command", required=True)
-    apthook.register(sub)
+    apt_hook.register(sub)
     return p
 
 

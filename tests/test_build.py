@@ -55,7 +55,7 @@ def test_outputs_are_in_place(built_site: Path) -> None:
     assert (boot / "tftpboot/qlustar").readlink().as_posix() == "../qlustar"
     modules = json.loads((boot / "qlustar/images/demo/current/modules.json").read_text())
     assert [m["module"] for m in modules["modules"]] == ["core"]
-    assert modules["modules"][0]["version"] == "11.0.1"
+    assert modules["modules"][0]["version"] == "11.0.2"  # modules/core/recipe.toml
     gen = (boot / "qlustar/images/demo/current/generation").read_text().strip()
     assert (boot / "qlustar/images/demo/current").readlink().as_posix() == gen
 

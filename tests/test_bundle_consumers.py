@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from qlimage import noderunner
 from qlimage.bundle import render as qb
 from qlimage.bundle.render import Bundle
+from qlimage.node.runner import bundle as node_bundle
 from qlimage.site import Site, load_site
 
 from helpers import make_site, render
@@ -376,7 +376,7 @@ def test_node_runner_accepts_the_files(site: Site, node: str) -> None:
     b = render(site, node)
     doc = json.loads(qb.bundle_json(b))
     doc["actions"] = [a for a in doc["actions"] if a["kind"] in RUNNER_ACTIONS]
-    parsed = noderunner.parse_bundle(json.dumps(doc).encode(), "0" * 64)
+    parsed = node_bundle.parse_bundle(json.dumps(doc).encode(), "0" * 64)
     assert parsed.node == node
     assert [e.path for e in parsed.files] == [f.path for f in b.files]
     for entry, f in zip(parsed.files, b.files, strict=True):
@@ -394,7 +394,7 @@ def test_node_runner_accepts_the_files(site: Site, node: str) -> None:
 def test_node_runner_accepts_every_action(site: Site) -> None:
     b = render(site, "beo-01")
     assert {a["kind"] for a in b.actions} - RUNNER_ACTIONS == {"ensure-line"}
-    parsed = noderunner.parse_bundle(qb.bundle_json(b), "0" * 64)
+    parsed = node_bundle.parse_bundle(qb.bundle_json(b), "0" * 64)
     assert len(parsed.actions) == len(b.actions)
 
 
@@ -411,5 +411,5 @@ options.ipmi = { network = "ib" }
     site = load_site(make_site(tmp_path / "site", extra_hosts=extra))
     b = render(site, "beo-08")
     assert b.actions[1]["gateway"] == ""
-    parsed = noderunner.parse_bundle(qb.bundle_json(b), "0" * 64)
+    parsed = node_bundle.parse_bundle(qb.bundle_json(b), "0" * 64)
     assert len(parsed.actions) == 2

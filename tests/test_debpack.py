@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qlimage.pool.debpack import build_deb, format_control
 from qlimage.errors import BuildError, QlimageError
+from qlimage.pool.debpack import build_deb, format_control
 
 pytestmark = pytest.mark.tools
 

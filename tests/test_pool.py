@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from qlimage.errors import QlimageError
 from qlimage.pool import packages as pool_mod
 from qlimage.pool.debpack import build_deb
-from qlimage.errors import QlimageError
 from qlimage.pool.packages import (
     ModulePackage,
     module_changelog,

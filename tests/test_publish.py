@@ -83,7 +83,8 @@ def test_lock_no_wait_is_a_clear_error(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys,time; from pathlib import Path; from qlimage.image.publish import build_lock\n"
+            "import sys,time; from pathlib import Path\n"
+            "from qlimage.image.publish import build_lock\n"
             "with build_lock(Path(sys.argv[1])):\n print('locked', flush=True); time.sleep(30)",
             str(tmp_path),
         ],

@@ -19,7 +19,7 @@ from qlimage.run import DEBIAN_PACKAGE, PIPE, STDOUT, run, spawn
 
 PACKAGE = Path(run_mod.__file__).resolve().parent
 # Code that runs on the node (standard library only) starts its programs itself.
-NODE_SIDE = [PACKAGE / "node", PACKAGE / "noderunner.py"]
+NODE_SIDE = [PACKAGE / "node"]
 
 
 def dead(pid: int) -> bool:

@@ -2,7 +2,7 @@
 
 QluMan execd writes a node's configuration in the pre-systemd boot phase from the options the
 head assigns to it; here the head renders all of it ahead of time into a *bundle* that the
-node runner (qlimage/noderunner.py, `qlustar-runner` on the node) fetches, verifies and applies.
+node runner (qlimage/node/runner, `qlustar-runner` on the node) fetches, verifies and applies.
 `render_bundle` is the one function that computes what a node receives; `qlimage preview`
 shows it with `describe`, and `diff` compares it with the bundle published before.
 
@@ -63,13 +63,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from qlimage import templates
+from qlimage import contract, templates
 from qlimage.errors import ConfigError, QlimageError
 from qlimage.site import Host, Image, Network, Site
 from qlimage.trees import walk
 
-BUNDLE_FORMAT = 1
-OPTIONS_DIR = "/etc/qlustar/options.d"
+BUNDLE_FORMAT = contract.BUNDLE_FORMAT
+OPTIONS_DIR = contract.OPTIONS_DIR
 UNIT_DIR = "/etc/systemd/system"
 INTERFACES_FILE = "/etc/network/interfaces.d/qluman"
 IFCFG_DIR = "/etc/sysconfig/network-scripts"
@@ -101,8 +101,8 @@ NETWORK_FS_TYPES = frozenset(
 )  # fmt: skip
 DEFAULT_BOND_MODE = "balance-rr"  # the kernel's default, written out so the file says it
 DEFAULT_BOND_MIIMON = 100  # without link monitoring a bond never notices a dead slave
-DEFAULT_DISK_LABEL = "gpt"
-DEFAULT_DISK_WIPE = "if-unformatted"
+DEFAULT_DISK_LABEL = contract.DEFAULT_DISK_LABEL
+DEFAULT_DISK_WIPE = contract.DEFAULT_DISK_WIPE
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,7 @@ class _Renderer:
             ]
             lines.append("part " + " ".join(fields))
         self.option_file(
-            "disk-config",
+            contract.DISK_CONFIG,
             "disk",
             device=disk_field(option["device"]),
             label=option.get("label", DEFAULT_DISK_LABEL),

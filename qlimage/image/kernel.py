@@ -15,13 +15,13 @@ from pathlib import Path
 
 from qlimage.atomic import TMP_PREFIX, atomic_path
 from qlimage.errors import BuildError
+from qlimage.layout import KERNEL_INFO
 from qlimage.pool.packages import read_control
 from qlimage.run import run
 from qlimage.site import Site
 from qlimage.trees import file_digest
 
 REAL_KERNEL = re.compile(r"^linux-image-\d")
-INFO = "kernel.json"
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,12 @@ def unpack_kernel(deb: Path, dest: Path) -> Kernel:
                 "deb_sha256": file_digest(deb),
                 "vmlinuz_sha256": file_digest(work / "vmlinuz"),
             }
-            (work / INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            (work / KERNEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return read_kernel(dest)
 
 
 def read_kernel(dest: Path) -> Kernel:
-    info = json.loads((dest / INFO).read_text())
+    info = json.loads((dest / KERNEL_INFO).read_text())
     return Kernel(
         info["kver"], info["package"], info["version"], dest / "vmlinuz", dest / "modules"
     )

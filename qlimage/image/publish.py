@@ -23,6 +23,7 @@ from qlimage.contract import CURRENT, GENERATION, HISTORY
 from qlimage.errors import QlimageError
 from qlimage.layout import Layout
 from qlimage.site import Site
+from qlimage.trees import file_digest
 
 
 def history(root: Path) -> list[str]:
@@ -39,8 +40,7 @@ def content_name(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for path in paths:
         h.update(path.name.encode() + b"\0")
-        with path.open("rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
+        h.update(bytes.fromhex(file_digest(path)))
     return h.hexdigest()[:16]
 
 
@@ -120,6 +120,7 @@ def remove_stale(root: Path) -> list[Path]:
     stale: list[Path] = []
     if not root.is_dir():
         return stale
+    layout = Layout(root)
     for dirpath, dirnames, _ in os.walk(root):
         here = Path(dirpath)
         depth = len(here.relative_to(root).parts)
@@ -128,7 +129,7 @@ def remove_stale(root: Path) -> list[Path]:
                 shutil.rmtree(here / d, ignore_errors=True)
                 stale.append(here / d)
                 dirnames.remove(d)
-            elif depth >= SCAN_DEPTH or (depth, d) in SKIP or here.name == "stage":
+            elif depth >= SCAN_DEPTH or here / d == layout.kernel_dir or here == layout.stage_dir:
                 # Temporaries live beside their target, at most three levels down; staged
                 # trees, generations and caches hold none of their own and are large.
                 dirnames.remove(d)
@@ -138,7 +139,6 @@ def remove_stale(root: Path) -> list[Path]:
 # The sites whose build lock this process holds (flock would block on a second open file).
 _HELD: set[Path] = set()
 SCAN_DEPTH = 3
-SKIP = {(0, "kernel")}
 
 
 @contextlib.contextmanager

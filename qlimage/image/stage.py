@@ -24,6 +24,7 @@ from pathlib import Path
 from qlimage import contract
 from qlimage.atomic import atomic_path, write_text
 from qlimage.image import changelogs, overlays, rootpw
+from qlimage.layout import Layout
 from qlimage.pool.packages import ModulePackage
 from qlimage.run import run
 from qlimage.site import Image, Site
@@ -38,7 +39,7 @@ INIT_QLUSTAR = contract.INIT_QLUSTAR_PATH.lstrip("/")
 
 
 def module_tree_dir(site: Site, module: ModulePackage) -> Path:
-    return site.paths.bootfiles / "cache/modules" / f"{module.package}_{module.version}"
+    return Layout(site).module_tree(module.package, module.version)
 
 
 def deb_stamp(deb: Path) -> str:

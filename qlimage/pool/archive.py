@@ -39,6 +39,7 @@ from debian.debian_support import Version
 
 from qlimage.errors import QlimageError
 from qlimage.run import run
+from qlimage.trees import file_digest
 
 DEFAULT_CACHE_DIR = Path("~/.cache/qlimage")
 DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
@@ -252,7 +253,7 @@ class Archive:
         """The verified .deb of `pkg` in the cache, downloading it if needed."""
         dest = self.cache_dir / "debs" / pkg.deb_name
         if dest.exists():
-            if sha256_of(dest) == pkg.sha256:
+            if file_digest(dest) == pkg.sha256:
                 return dest
             # A stale or damaged copy must not survive a failed re-download.
             dest.unlink()
@@ -380,7 +381,7 @@ class Archive:
         # Any verified cached copy will do, before asking a mirror that may 404 on some names.
         for name in names:
             cached = directory / name
-            if cached.exists() and sha256_of(cached) == entries[name]:
+            if cached.exists() and file_digest(cached) == entries[name]:
                 return cached
         for name in names:
             dest = directory / name
@@ -520,9 +521,3 @@ def provider_rank(pkg: BinaryPackage) -> tuple[int, str]:
     return PRIORITY_RANK.get(pkg.priority, len(PRIORITY_RANK)), pkg.name
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

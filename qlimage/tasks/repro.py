@@ -43,6 +43,7 @@ from qlimage.atomic import TMP_PREFIX
 from qlimage.errors import CommandTimeout, QlimageError
 from qlimage.run import STDOUT, run
 from qlimage.site import Site, load_site
+from qlimage.trees import file_digest
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -142,11 +143,6 @@ class Comparison:
         return [(p, e) for p, e in self.same if e.kind != "dir"]
 
 
-def sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def make_entry(path: Path) -> Entry:
     st = path.lstat()
     owner = (st.st_uid, st.st_gid)
@@ -156,7 +152,7 @@ def make_entry(path: Path) -> Entry:
     if stat.S_ISDIR(st.st_mode):
         return Entry("dir", mode, owner, path)
     if stat.S_ISREG(st.st_mode):
-        return Entry("file", mode, owner, path, digest=sha256(path), size=st.st_size)
+        return Entry("file", mode, owner, path, digest=file_digest(path), size=st.st_size)
     return Entry("other", mode, owner, path, target=f"{stat.S_IFMT(st.st_mode):o}")
 
 
@@ -497,7 +493,7 @@ def package_digest() -> str:
         for name in sorted(filenames):
             path = Path(dirpath, name)
             h.update(path.relative_to(package).as_posix().encode() + b"\0")
-            h.update(sha256(path).encode())
+            h.update(file_digest(path).encode())
     return h.hexdigest()
 
 
