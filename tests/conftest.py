@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import qlimage, write_site
+from helpers import clone_built_site, make_sentinel, qlimage, write_site
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +27,15 @@ def site_factory(tmp_path: Path) -> Callable[..., Path]:
         return write_site(tmp_path / name, **kw)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture
+def built_copy(built_site: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's built test site, to break and rebuild (hostile inputs)."""
+    return clone_built_site(built_site, tmp_path / "site")
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Path:
+    """A tree outside the site that hostile inputs point at (see helpers.make_sentinel)."""
+    return make_sentinel(tmp_path / "outside")

@@ -381,3 +381,104 @@ def make_site(root: Path, *, extra_hosts: str = "", keys: tuple[str, ...] = ()) 
 
 def render(site: Site, name: str) -> Bundle:
     return qb.render_bundle(site, site.host(name))
+
+
+# --- hostile and broken inputs (the bad-input corpus: tests/test_hostile_*.py) ----------------
+#
+# Every case of the corpus asserts the same four things (issue 8): exit status 2, exactly one
+# line on standard error naming the file, no traceback, and the served tree (tftpboot/,
+# pxelinux.cfg/, qlustar/) byte-identical before and after. A sentinel tree outside the site
+# proves that nothing outside the site and its build directory is read into an output or changed.
+
+SERVED = ("tftpboot", "pxelinux.cfg", "qlustar")
+# Written in place by a build that fails part-way: never served, so not compared.
+UNSERVED_TOP = {"kernel", "stage", "manifests", "cache"}
+
+
+def tree_listing(root: Path) -> dict[str, str]:
+    """path -> mode, and content digest or link target, for every entry below `root`."""
+    import hashlib
+    import stat as st
+
+    out: dict[str, str] = {}
+    if not root.exists():
+        return out
+    for path in sorted(root.rglob("*")):
+        s = path.lstat()
+        rel = path.relative_to(root).as_posix()
+        if st.S_ISLNK(s.st_mode):
+            out[rel] = f"link {os.readlink(path)}"
+        elif st.S_ISREG(s.st_mode):
+            out[rel] = f"{s.st_mode:o} {hashlib.sha256(path.read_bytes()).hexdigest()}"
+        else:
+            out[rel] = f"{s.st_mode:o}"
+    return out
+
+
+def served_listing(site_root: Path) -> dict[str, str]:
+    bootfiles = site_root / "bootfiles"
+    return {f"{top}/{k}": v for top in SERVED for k, v in tree_listing(bootfiles / top).items()}
+
+
+def clone_built_site(template: Path, dest: Path) -> Path:
+    """A private copy of a built site, quick: the large trees that builds only replace by rename
+    (kernel, module cache, published generations) are hard links to the template's files,
+    everything written in place (doit state, manifests, site files) is a real copy."""
+
+    def copy(src: str, dst: str) -> None:
+        rel = Path(src).relative_to(template).parts
+        linkable = rel[:2] in {
+            ("bootfiles", "kernel"),
+            ("bootfiles", "cache"),
+            ("bootfiles", "qlustar"),
+        }
+        if linkable:
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(template, dest, symlinks=True, copy_function=copy)
+    return dest
+
+
+def make_sentinel(root: Path) -> Path:
+    """A tree outside the site that hostile inputs point at: a secret, a directory, a link."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "secret").write_text("SENTINEL-SECRET-d41d8cd9\n")
+    (root / "dir").mkdir(exist_ok=True)
+    (root / "dir/file").write_text("SENTINEL-FILE\n")
+    (root / "link").symlink_to("secret")
+    return root
+
+
+SENTINEL_MARK = b"SENTINEL-"
+
+
+def assert_refused(
+    site_root: Path, *args: str, names: str, sentinel: Path | None = None, lines: int = 1
+) -> subprocess.CompletedProcess[str]:
+    """Run `qlimage -C site_root ARGS` (default `build`) on a bad input and check the four
+    promises: status 2, one stderr line naming `names` (the file), no traceback, nothing served
+    changed; with `sentinel`, the sentinel tree is unchanged and no served file holds its text.
+    `lines` > 1 is for inputs with several independent defects (every one is reported)."""
+    before = served_listing(site_root)
+    outside = tree_listing(sentinel) if sentinel else None
+    proc = qlimage("-C", str(site_root), *(args or ("build",)), check=False)
+    found = [line for line in proc.stderr.splitlines() if line.strip()]
+    detail = f"status {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 2, detail
+    assert "Traceback" not in proc.stderr + proc.stdout, detail
+    assert len(found) == lines, detail
+    assert all(names in line for line in found), detail
+    assert served_listing(site_root) == before, "the served tree changed"
+    if sentinel is not None:
+        assert tree_listing(sentinel) == outside, "the sentinel tree outside the site changed"
+        assert_no_sentinel_text(site_root / "bootfiles")
+    return proc
+
+
+def assert_no_sentinel_text(bootfiles: Path) -> None:
+    """No output holds the sentinel's text (squashfs images are checked by the caller)."""
+    for path in bootfiles.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < 1 << 20:
+            assert SENTINEL_MARK not in path.read_bytes(), path

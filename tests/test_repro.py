@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qlimage import cli
+from qlimage.commands import repro_check
 from qlimage.errors import QlimageError
 from qlimage.site import load_site
 from qlimage.tasks import repro
@@ -135,7 +136,7 @@ def test_copy_keeps_inputs_and_leaves_out_outputs(tmp_path: Path) -> None:
     site = write_site(tmp_path / "site")
     pool = site / "modules/pool"
     pool.mkdir()
-    (pool / "qlustar-module-core-bookworm_11.0.1_amd64.deb").write_text("built by the recipe")
+    (pool / "qlustar-module-core-bookworm_11.0.2_amd64.deb").write_text("built by the recipe")
     (pool / "qlustar-module-extra-bookworm_1.0_amd64.deb").write_text("an input")
     (pool / ".qlimage-tmp.module.x").mkdir()
     secret = site / "overlays/demo/copy/etc/secret"
@@ -180,10 +181,9 @@ def test_outputs_outside_the_site_are_a_user_error(tmp_path: Path) -> None:
 def test_register_adds_the_subcommand_to_the_qlimage_parser() -> None:
     parser = cli.parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "repro-check" not in subparsers.choices:  # until cli.py registers it itself
-        repro.register(subparsers)
+    assert "repro-check" in subparsers.choices
     args = parser.parse_args(["-C", "site", "repro-check", "--keep", "--no-diffoscope"])
-    assert (args.keep, args.diffoscope, args.func) == (True, False, repro.cmd_repro_check)
+    assert (args.keep, args.diffoscope, args.func) == (True, False, repro_check.run)
     assert parser.parse_args(["repro-check"]).diffoscope is True
 
 
@@ -225,7 +225,7 @@ def test_demo_site_builds_identically_twice(tmp_path: Path) -> None:
         "bootfiles/qlustar/nodes/52-54-00-12-34-56/bundle.json",
         "bootfiles/tftpboot/pxelinux.0",
         "bootfiles/tftpboot/ldlinux.c32",
-        "modules/pool/qlustar-module-core-bookworm_11.0.1_amd64.deb",
+        "modules/pool/qlustar-module-core-bookworm_11.0.2_amd64.deb",
     ):
         assert label in same, text
     assert [p.name for p in tmp_path.iterdir()] == ["site"]  # no --keep: nothing left behind

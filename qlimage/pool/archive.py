@@ -519,5 +519,3 @@ def collect_providers(packages: Iterable[BinaryPackage]) -> dict[str, list[str]]
 
 def provider_rank(pkg: BinaryPackage) -> tuple[int, str]:
     return PRIORITY_RANK.get(pkg.priority, len(PRIORITY_RANK)), pkg.name
-
-
