@@ -1,4 +1,9 @@
-"""Write outputs beside their final place and rename them in, so nothing is ever half-written."""
+"""Write outputs beside their final place and rename them in, so nothing is ever half-written.
+
+Served outputs also get their mtimes clamped to the site's `source_date_epoch` (its schema
+promises that of every output): the build names the served trees and the epoch once
+(`clamp_outputs_below`), and every writer here clamps what it renames into them.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,44 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from qlimage.trees import walk
 
 # Every temporary path starts with this, so a build killed at any point leaves only things the
 # next build recognises and removes (publish.remove_stale).
 TMP_PREFIX = ".qlimage-tmp."
+
+# (served trees, epoch) once the build named them: outputs renamed below one get clamped.
+_served: tuple[tuple[Path, ...], int] | None = None
+
+
+def clamp_outputs_below(roots: Sequence[Path], epoch: int) -> None:
+    """From now on, clamp the mtimes of everything written below `roots` to `epoch`. Only the
+    served trees: doit reads the mtimes of the build's own state files (manifests) as change."""
+    global _served
+    _served = (tuple(Path(r).absolute() for r in roots), epoch)
+
+
+def served_epoch(path: Path) -> int | None:
+    """The epoch to clamp `path` to, if it is below a served tree."""
+    if _served is None:
+        return None
+    roots, epoch = _served
+    where = Path(path).absolute()
+    return epoch if any(where.is_relative_to(r) for r in roots) else None
+
+
+def clamp_output_tree(path: Path) -> None:
+    """Clamp `path` and everything below it (links not followed), if it is a served output."""
+    epoch = served_epoch(path)
+    if epoch is None:
+        return
+    for p in [*walk(path), path] if path.is_dir() and not path.is_symlink() else [path]:
+        if p.lstat().st_mtime > epoch:
+            os.utime(p, (epoch, epoch), follow_symlinks=False)
+    clamp_ancestors(path)
 
 
 @contextlib.contextmanager
@@ -31,9 +68,26 @@ def atomic_path(target: Path, *, directory: bool = False) -> Iterator[Path]:
             # A directory cannot be renamed over a non-empty one: swap via a second rename.
             old = tmp / "old"
             os.rename(target, old)
+        clamp_output_tree(work)
         os.replace(work, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    clamp_ancestors(target)  # the mkdirs, the rename and the clean-up touched these
+
+
+def clamp_ancestors(path: Path) -> None:
+    """Clamp the directories above `path` up to its served tree's top: writing (or making a
+    directory) below them changed their mtimes, wherever that happened in the build."""
+    for parent in Path(path).absolute().parents:
+        if served_epoch(parent) is None:
+            break
+        clamp_one(parent)
+
+
+def clamp_one(path: Path) -> None:
+    epoch = served_epoch(path)
+    if epoch is not None and path.lstat().st_mtime > epoch:
+        os.utime(path, (epoch, epoch), follow_symlinks=False)
 
 
 def write_bytes(target: Path, data: bytes, mode: int = 0o644) -> None:

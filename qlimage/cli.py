@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 from qlimage import __version__
 from qlimage.commands import VERBS
-from qlimage.errors import ConfigError, QlimageError
+from qlimage.errors import ConfigError, QlimageError, TaskCrashed, TaskFailures
 from qlimage.site import load_site
 
 # Exit statuses besides a user error's (QlimageError.exit_status, 2): a bug, an interrupt.
@@ -21,7 +21,7 @@ EXIT_INTERRUPTED = 130
 
 
 def report(error: QlimageError) -> None:
-    lines = error.problems if isinstance(error, ConfigError) else [str(error)]
+    lines = error.problems if isinstance(error, ConfigError | TaskFailures) else [str(error)]
     for line in lines:
         print(f"qlimage: {line}", file=sys.stderr)
 
@@ -65,12 +65,16 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except QlimageError as e:
         if args.debug:
             traceback.print_exc()
+            if isinstance(e, TaskFailures):  # the commands and the tools' stderr
+                print("\n".join(e.details), file=sys.stderr)
         report(e)
         sys.exit(e.exit_status)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
-    except Exception:
+    except Exception as e:
         if args.debug:
+            if isinstance(e, TaskCrashed):  # the task's own traceback, from inside doit
+                print(e.details, file=sys.stderr)
             raise
         exc = sys.exc_info()[1]
         print(

@@ -88,9 +88,21 @@ def checksum_line(digest: str, name: str) -> str:
     return f"{digest}  {name}\n"
 
 
+CHROOT_FIELDS = 4  # name, server, port, path: the initrd refuses a line with another count
+
+
 def chroot_line(name: str, source: str) -> str:
-    """nodes/<mac>/chroot: `<name> <server> <port> <path>` (source: `<server> <port> <path>`)."""
-    return f"{name} {source}\n"
+    """nodes/<mac>/chroot: `<name> <server> <port> <path>` (source: `<server> <port> <path>`).
+
+    Fields are separated by one space and hold no white space or control character (the site
+    schemas forbid them), so the initrd's `set -- $line` splits them back unambiguously; a
+    value that would break that is a bug, refused here rather than published."""
+    fields = [name, *source.split(" ")]
+    if len(fields) != CHROOT_FIELDS or any(
+        not f or any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in f) for f in fields
+    ):
+        raise ValueError(f"chroot line fields {fields!r}: expected {CHROOT_FIELDS} plain words")
+    return " ".join(fields) + "\n"
 
 
 def image_path(image: str) -> str:

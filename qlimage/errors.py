@@ -43,5 +43,24 @@ class CommandTimeout(BuildError):
     """An external command ran longer than its time limit and was killed."""
 
 
+class TaskFailures(BuildError):
+    """Tasks of a build stopped on user errors. `problems` holds one line each (`task: what`);
+    `details` the full messages (the command and the tool's stderr), shown with --debug."""
+
+    def __init__(self, problems: list[str], details: list[str] | None = None) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+        self.details = details or []
+
+
+class TaskCrashed(Exception):
+    """Not a user error: a task raised something unexpected, a bug. `details` holds the
+    task's traceback, which the CLI shows with --debug."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
 def die(message: str, hint: str | None = None) -> NoReturn:
     raise QlimageError(message, hint=hint)

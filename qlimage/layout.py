@@ -7,7 +7,10 @@ No other module spells a path below bootfiles/; the names a node fetches come fr
     pxelinux.cfg/                    default, one file per boot config, HOSTID links, .hosts
     qlustar/boot/<gen>/              vmlinuz + initrd.img; `current` link and `history`
     qlustar/images/<image>/<gen>/    <image>.img, .sha256, modules.json; `current`, `history`
-    qlustar/nodes/<mac>/             bundle.json + .sha256, chroot: what the runner fetches
+    qlustar/nodes/<mac>              link to the node's generation: what the runner fetches
+    qlustar/nodes/.<mac>.<digest>/   bundle.json + .sha256, chroot: one node generation
+    head/                            dnsmasq.conf, nginx.conf: the head services' configs
+    head/run/                        what `qlimage serve` writes: pids, leases, logs, nginx temp
     kernel/                          the unpacked kernel package and kernel.json
     stage/<image>/, <image>.manifest the staged root tree of each image
     manifests/                       doit's view of source trees (modules, overlays)
@@ -61,6 +64,10 @@ class Layout:
         self.pool_cache = b / POOL_CACHE
         self.doit_state = b / DOIT_STATE
         self.apt_hook_marker = b / APT_HOOK_MARKER
+        self.head = b / "head"
+        self.dnsmasq_conf = self.head / "dnsmasq.conf"
+        self.nginx_conf = self.head / "nginx.conf"
+        self.head_run = self.head / "run"
 
     @property
     def vmlinuz(self) -> Path:
@@ -92,6 +99,10 @@ class Layout:
     def node_dir(self, host: Host) -> Path:
         """Where a node's bundle is published; the runner asks for it by the boot NIC's MAC."""
         return self.qlustar / contract.node_dir(host.mac)
+
+    def node_generation(self, host: Host, name: str) -> Path:
+        """One generation of the node's files, a hidden sibling that `node_dir` links to."""
+        return self.nodes() / f".{self.node_dir(host).name}.{name}"
 
     def bundle(self, host: Host) -> Path:
         return self.node_dir(host) / contract.BUNDLE_FILE

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import shlex
 from pathlib import Path
 from typing import Any
 
+from qlimage.errors import QlimageError
+
 PACKAGE = Path(__file__).parent
-ROOMS = ("boot", "bundle")
+ROOMS = ("boot", "bundle", "serve")
 
 
 @functools.cache
@@ -34,14 +37,68 @@ def environment() -> Any:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["sh"] = lambda value: shlex.quote(str(value))
-    env.filters["unit"] = lambda value: str(value).replace("%", "%%")  # systemd specifiers
+    env.filters["sh"] = sh
+    env.filters["unit"] = unit
+    env.filters["line"] = line
+    env.filters["word"] = word
     return env
 
 
+class UnsafeValue(QlimageError):
+    """A value its consumer cannot take. The schemas keep such values out of the site, so this
+    is the last line of defence: a generated file is never written with it."""
+
+
+# The escaping filters. Each either escapes a value for its consumer so that the consumer reads
+# back exactly the value, or, where a format has no escape for a character, refuses it.
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def line(value: Any) -> str:
+    """A value inside one line of a line-based format (a pxelinux directive, an interfaces(5)
+    option, a comment of any file): no character may end the line or hide in it."""
+    text = str(value)
+    if CONTROL.search(text):
+        raise UnsafeValue(f"{text!r}: a control character cannot be written into one line")
+    return text
+
+
+def word(value: Any) -> str:
+    """One white-space separated word of a line (an ifupdown device name, a pxelinux
+    argument): `line`, and no white space either."""
+    text = line(value)
+    if not text or any(c.isspace() for c in text):
+        raise UnsafeValue(f"{text!r}: expected one word without white space")
+    return text
+
+
+def sh(value: Any) -> str:
+    """A POSIX shell word: single-quoted unless it is harmless bare. Quoting keeps every byte,
+    a newline included, but NUL cannot be in a shell string."""
+    text = str(value)
+    if "\0" in text:
+        raise UnsafeValue(f"{text!r}: a NUL cannot be in a shell value")
+    return shlex.quote(text)
+
+
+def unit(value: Any) -> str:
+    """A systemd unit file setting value: `%` doubled (specifiers); a newline would start a
+    new setting, surrounding white space is stripped by systemd and a final backslash continues
+    the line, and unit files have no escape for these, so they are refused."""
+    text = line(value)
+    if text != text.strip() or text.endswith("\\"):
+        raise UnsafeValue(f"{text!r}: surrounding white space or a final backslash")
+    return text.replace("%", "%%")
+
+
 def render(name: str, **context: Any) -> str:
-    """Render `<room>/<file>.j2`, e.g. `bundle/node.j2`."""
-    return str(environment().get_template(name).render(**context))
+    """Render `<room>/<file>.j2`, e.g. `bundle/node.j2`. UnsafeValue (a user error naming the
+    template) if a filter refuses a value."""
+    try:
+        return str(environment().get_template(name).render(**context))
+    except UnsafeValue as e:
+        raise UnsafeValue(f"{name}: {e}") from None
 
 
 @functools.cache

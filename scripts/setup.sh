@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PACKAGES="python3 python3-venv squashfs-tools cpio dpkg-dev kmod gzip xz-utils zstd
   pxelinux syslinux-common syslinux-utils qemu-system-x86 ipxe-qemu gpgv debian-archive-keyring
   dnsmasq-base udpcast systemd ifupdown openssh-client diffoscope-minimal fdisk e2fsprogs
-  xfsprogs util-linux mount nfs-ganesha nfs-ganesha-vfs busybox-static"
+  xfsprogs util-linux mount nfs-ganesha nfs-ganesha-vfs busybox-static nginx"
 
 missing=""
 for p in $PACKAGES; do
@@ -17,8 +17,28 @@ if [ -n "$missing" ]; then
     echo "setup: installing Debian packages:$missing"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    # Packaged daemons (nginx) must not start on install: a system nginx on port 80 would
+    # collide with the tests, and `qlimage serve` runs its own from the generated config.
+    # policy-rc.d answering 101 tells invoke-rc.d and deb-systemd-invoke not to start them.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        trap 'rm -f "$policy"' EXIT
+    fi
     # shellcheck disable=SC2086
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    if [ -n "$policy" ]; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
+    # ... nor at the next boot (only an nginx we just installed: never the admin's own).
+    case " $missing " in *" nginx "*)
+        if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+            systemctl disable --now nginx.service >/dev/null 2>&1 || true
+        fi
+    esac
 fi
 
 PY=${PYTHON:-python3}

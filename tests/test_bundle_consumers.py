@@ -344,7 +344,7 @@ image = "demo"
 networks.boot = "10.0.2.22"
 options.disk = { device = "/dev/disk/by-id/my disk", label = "dos", wipe = "always", partitions = [
   { size = "512MiB", fs = "swap" },
-  { size = "10GiB", fs = "ext4", mount = "/my scratch\\1\t2", label = "-", options = "-" },
+  { size = "10GiB", fs = "ext4", mount = "/my scratch\\1 2", label = "-", options = "-" },
   { size = "rest", fs = "xfs", mount = "/data", label = "data_1", options = "noatime,nodiratime" },
 ] }
 """
@@ -361,7 +361,7 @@ options.disk = { device = "/dev/disk/by-id/my disk", label = "dos", wipe = "alwa
             "label=dos",
             "wipe=always",
             "part 1 512MiB swap [-] [-] [-]",
-            "part 2 10GiB ext4 [/my scratch\\1\t2] [-] [-]",
+            "part 2 10GiB ext4 [/my scratch\\1 2] [-] [-]",
             "part 3 rest xfs [/data] [data_1] [noatime,nodiratime]",
         ], shell
 

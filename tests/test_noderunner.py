@@ -718,6 +718,43 @@ BAD_BUNDLES: dict[str, tuple[Any, str]] = {
     ),
     "unknown action": (make_bundle(VALID_FILES, [{"kind": "reboot"}]), "unknown action kind"),
     "not json": (b'{"format": 1, "files": [', "bundle is not valid JSON"),
+    # Hostile bundles (issue 8, class 12): refused cleanly, never an internal error.
+    "nested very deeply": (
+        b'{"format": 1, "node": "x", "files": [], "deep": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+        "bundle is not valid JSON: nested too deeply",
+    ),
+    "huge integer": (
+        b'{"format": 1, "node": "x", "files": [], "n": ' + b"9" * 5000 + b"}",
+        "bundle is not valid JSON",
+    ),
+    "huge uid": (
+        make_bundle([file_entry("/etc/x", uid=10**40)]),
+        "files[0] (/etc/x): uid 10000000000000000000000000000000000000000 is out of range",
+    ),
+    "float uid": (make_bundle([{**file_entry("/etc/x"), "uid": 1e300}]), "must be of type int"),
+    "NaN": (b'{"format": 1, "node": "x", "files": [], "n": NaN}', "NaN is not a JSON number"),
+    "Infinity": (
+        b'{"format": 1, "node": "x", "files": [], "n": -Infinity}',
+        "-Infinity is not a JSON number",
+    ),
+    "duplicate key": (
+        b'{"format": 1, "node": "x", "files": [], "files": []}',
+        "duplicate key 'files'",
+    ),
+    "duplicate key at depth": (
+        json.dumps(make_bundle([file_entry("/etc/x")]))
+        .replace('"mode": "0644"', '"mode": "0644", "mode": "4755"')
+        .encode(),
+        "duplicate key 'mode'",
+    ),
+    "object as content at depth": (
+        make_bundle([{**file_entry("/etc/x"), "content": {"a": [1]}}]),
+        "files[0] (/etc/x): field 'content' must be of type str",
+    ),
+    "list as argv word at depth": (
+        make_bundle(VALID_FILES, [{"kind": "command", "argv": ["/bin/true", ["x"]]}]),
+        "argv must be a non-empty list of strings",
+    ),
 }
 
 
@@ -2136,3 +2173,23 @@ def test_real_http_fetch(tmp_path: Path) -> None:
 class QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def test_inventory_name_wins_over_a_bundle_file_etc_hostname(
+    nodefs: FakeFilesystem, head: Head, commands: Commands
+) -> None:
+    """README, "Options of a node": the host name is always the inventory name. A bundle
+    whose files carry another /etc/hostname (the head refuses to render one) still ends with
+    the inventory name in the file and on the running kernel: actions run after the files."""
+    executable(nodefs, "/bin/hostname")
+    head.publish(
+        make_bundle(
+            [file_entry("/etc/hostname", "from-rootfs\n")],
+            [{"kind": "hostname", "name": "beo-01"}],
+        )
+    )
+
+    assert run_node(head, commands) == EXIT_OK
+
+    assert node_read("/etc/hostname") == b"beo-01\n"
+    assert commands.calls == [["hostname", "beo-01"]]

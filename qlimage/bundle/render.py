@@ -48,7 +48,9 @@ Action kinds and their fields (all fields present unless noted):
 from __future__ import annotations
 
 import base64
+import contextlib
 import difflib
+import errno
 import functools
 import grp
 import hashlib
@@ -57,7 +59,8 @@ import os
 import pwd
 import shlex
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -546,36 +549,120 @@ def node_path(top: Path, path: Path, config: str) -> str:
 
 
 def rootfs_entries(site: Site, config: str, ids: _Ids) -> list[NodeFile]:
-    """Everything below rootfs/<config>/ (not the directory itself), as it is on the head."""
+    """Everything below rootfs/<config>/ (not the directory itself), as it is on the head.
+
+    Read with rootfs_walk: nothing outside the tree is ever read, whatever links it holds."""
     top = site.paths.rootfs / config
     origin = f"rootfs {config}"
     entries = []
     try:
-        for path in walk(top):
-            st = path.lstat()
-            where = node_path(top, path, config)
-            mode, kind = stat.S_IMODE(st.st_mode), stat.S_IFMT(st.st_mode)
+        for rel, st, data in rootfs_walk(top, config):
+            where = node_path(top, top / rel, config)
+            mode = stat.S_IMODE(st.st_mode)
             ownership = (ids.user(st.st_uid), ids.group(st.st_gid), st.st_uid, st.st_gid)
-            if kind == stat.S_IFDIR:
+            if stat.S_ISDIR(st.st_mode):
                 entries.append(NodeFile(where, "dir", mode, *ownership, origin=origin))
-            elif kind == stat.S_IFLNK:
-                target = os.readlink(path)
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.fsdecode(data)
                 entries.append(
                     NodeFile(where, "symlink", mode, *ownership, target=target, origin=origin)
                 )
-            elif kind == stat.S_IFREG:
-                content = path.read_bytes()
-                entries.append(
-                    NodeFile(where, "file", mode, *ownership, content=content, origin=origin)
-                )
             else:
-                raise ConfigError(
-                    [f"{path}: not a regular file, directory or symlink (rootfs {config})"]
+                entries.append(
+                    NodeFile(where, "file", mode, *ownership, content=data, origin=origin)
                 )
     except OSError as e:
         message = f"{e.filename or top}: cannot read: {e.strerror} (rootfs {config})"
         raise ConfigError([message]) from e
     return entries
+
+
+ROOTFS_KINDS = "not a regular file, directory or symlink"
+
+
+def rootfs_walk(
+    top: Path, config: str, *, content: bool = True
+) -> Iterator[tuple[str, os.stat_result, bytes]]:
+    """(path relative to `top`, lstat, content or link target) of every entry below `top`,
+    sorted byte-wise, parents first. Every directory is opened relative to its parent's file
+    descriptor with O_NOFOLLOW and every file read with O_NOFOLLOW and checked on the open file,
+    so no link (not `top` itself either, nor one swapped in during the walk) is followed out of
+    the tree. A fifo, socket or device is refused (reading one would hang or read the head's
+    hardware). `content=False` yields b"" for files, unread."""
+    try:
+        st = top.lstat()
+    except OSError as e:
+        raise ConfigError([f"{top}: cannot read: {e.strerror} (rootfs {config})"]) from e
+    if not stat.S_ISDIR(st.st_mode):
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else ROOTFS_KINDS
+        raise ConfigError([f"{top}: is {what}; a Root FS tree must be a directory"])
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        yield from _walk_fd(fd, top, "", config, content)
+    finally:
+        os.close(fd)
+
+
+def _walk_fd(
+    dir_fd: int, top: Path, prefix: str, config: str, content: bool
+) -> Iterator[tuple[str, os.stat_result, bytes]]:
+    with os.scandir(dir_fd) as it:
+        names = sorted((e.name for e in it), key=os.fsencode)
+    for name in names:
+        rel = prefix + name
+        st = os.lstat(name, dir_fd=dir_fd)
+        if stat.S_ISLNK(st.st_mode):
+            yield rel, st, os.fsencode(os.readlink(name, dir_fd=dir_fd))
+        elif stat.S_ISDIR(st.st_mode):
+            yield rel, st, b""
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            sub = _open_same(name, dir_fd, flags, st, top / rel)
+            try:
+                yield from _walk_fd(sub, top, rel + "/", config, content)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(st.st_mode) and not content:
+            yield rel, st, b""
+        elif stat.S_ISREG(st.st_mode):
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = _open_same(name, dir_fd, flags, st, top / rel)
+            with os.fdopen(fd, "rb") as f:
+                yield rel, st, f.read()
+        else:
+            raise ConfigError([f"{top / rel}: {ROOTFS_KINDS} (rootfs {config})"])
+
+
+def _open_same(name: str, dir_fd: int, flags: int, st: os.stat_result, path: Path) -> int:
+    """Open `name` and make sure it is still the entry lstat saw (not swapped meanwhile)."""
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise OSError(errno.ESTALE, "changed while it was read", str(path))
+    return fd
+
+
+# Root FS files already warned about in this process (a tree serves many nodes).
+_warned: set[Path] = set()
+
+
+def warn_private_files(site: Site, host: Host) -> None:
+    """One `qlimage: warning:` line on stderr per file of the host's Root FS trees that is not
+    world-readable: it keeps its mode on the node, but travels inside a bundle that anyone on
+    the boot network can fetch by MAC (SECURITY.md). The build goes on."""
+    for config in host.options.get("rootfs", ()):
+        top = site.paths.rootfs / config
+        with contextlib.suppress(OSError, ConfigError):
+            for rel, st, _ in rootfs_walk(top, config, content=False):
+                path = top / rel
+                if stat.S_ISREG(st.st_mode) and not st.st_mode & 0o004 and path not in _warned:
+                    _warned.add(path)
+                    print(
+                        f"qlimage: warning: {path}: mode {stat.S_IMODE(st.st_mode):04o} is not "
+                        "world-readable, but the file travels in node bundles that anyone on "
+                        "the boot network can fetch",
+                        file=sys.stderr,
+                    )
 
 
 def _path_key(path: str) -> list[str]:

@@ -13,4 +13,5 @@ VERBS = (
     "preview",
     "apt_hook",
     "repro_check",
+    "serve",
 )

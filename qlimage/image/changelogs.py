@@ -22,7 +22,7 @@ from debian.debian_support import Version
 from qlimage.atomic import write_text
 from qlimage.pool.packages import ModulePackage, module_changelog
 from qlimage.pool.recipes import PACKAGES_LIST
-from qlimage.trees import manifest
+from qlimage.trees import manifest, read_in_root
 
 DOC_DIR = "usr/share/doc/qlustar-image"
 STATE_DIR = "state"
@@ -40,7 +40,8 @@ class ModuleState:
 def module_state(module: ModulePackage, tree: Path) -> ModuleState:
     """What the changelogs need of an unpacked module. The file list and the changelog are
     computed once per unpacked module version and kept beside its tree (see stage.py)."""
-    packages = tree / PACKAGES_LIST.format(module=module.module)
+    # Read inside the module's tree only: the list (or a directory above it) may be a link.
+    packages = read_in_root(tree, PACKAGES_LIST.format(module=module.module))
     files = tree.with_name(tree.name + ".files")
     if not files.exists():
         write_text(files, manifest(tree))
@@ -51,7 +52,7 @@ def module_state(module: ModulePackage, tree: Path) -> ModuleState:
         module.module,
         module.version,
         files.read_text(),
-        packages.read_text() if packages.exists() else "",
+        "" if packages is None else packages.decode("utf-8", "replace"),
         changelog.read_text(),
     )
 
@@ -110,7 +111,19 @@ def contents_changelog(cur: ModuleState, prev: ModuleState | None) -> str:
 
 
 def parse_packages(text: str) -> dict[str, str]:
-    return dict(line.split(None, 1) for line in text.splitlines() if line.strip())
+    """{name: version} of "name version" lines; a line without a version is left out."""
+    pairs = (line.split(None, 1) for line in text.splitlines())
+    return {p[0]: p[1].strip() for p in pairs if len(p) == 2}
+
+
+def version_order(old: str, new: str) -> int:
+    """1 upgraded, -1 downgraded, 0 same; a version Debian cannot parse (the list is the
+    module's own data) counts as an upgrade when it differs."""
+    try:
+        a, b = Version(old), Version(new)
+    except ValueError:
+        return 0 if old == new else 1
+    return (b > a) - (b < a)
 
 
 def packages_changelog(cur: ModuleState, prev: ModuleState | None) -> str:
@@ -124,9 +137,9 @@ def packages_changelog(cur: ModuleState, prev: ModuleState | None) -> str:
             lines.append(f"added       {name} {new[name]}")
         elif name not in new:
             lines.append(f"removed     {name} {old[name]}")
-        elif Version(new[name]) > Version(old[name]):
+        elif (order := version_order(old[name], new[name])) > 0:
             lines.append(f"upgraded    {name} {old[name]} -> {new[name]}")
-        elif Version(new[name]) < Version(old[name]):
+        elif order < 0:
             lines.append(f"downgraded  {name} {old[name]} -> {new[name]}")
     if len(lines) == 1:
         lines.append("no packages added, removed, upgraded or downgraded")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from pathlib import Path
 
-from qlimage.errors import ConfigError
+from qlimage.errors import ConfigError, QlimageError
 from qlimage.site import Image, Site
+from qlimage.trees import read_in_root, replace_in_root
 
 
 def read_root_hash(shadow: Path) -> str:
@@ -20,6 +22,8 @@ def read_root_hash(shadow: Path) -> str:
         text = shadow.read_text()
     except OSError as e:
         raise ConfigError([f"{shadow}: cannot read the head's root password: {e.strerror}"]) from e
+    except UnicodeDecodeError:
+        raise ConfigError([f"{shadow}: not a shadow file (not UTF-8 text)"]) from None
     for line in text.splitlines():
         fields = line.split(":")
         if fields[0] == "root" and len(fields) >= 2:
@@ -27,19 +31,72 @@ def read_root_hash(shadow: Path) -> str:
     raise ConfigError([f"{shadow}: no root entry"])
 
 
-def image_root_hash(site: Site, image: Image) -> str:
-    own = image.root_hash_file
-    if own.exists():
-        mode = stat.S_IMODE(own.stat().st_mode)
-        if mode & 0o077:
-            raise ConfigError(
-                [f"{own}: mode {mode:04o} exposes the root password hash; expected 0600"]
-            )
-        value = own.read_text().strip()
-        if not value or ":" in value or "\n" in value:
-            raise ConfigError([f"{own}: expected one crypt(3) hash on one line"])
+# crypt(3) hashes libxcrypt verifies and that are still fit to guard a served image: the hash
+# alphabet is "./0-9A-Za-z". Anything else, plaintext in particular, is refused: /etc/shadow
+# would hold it as a "hash" no password matches (and the plaintext would be in the image).
+B64 = "[./0-9A-Za-z]"
+CRYPT_HASH = re.compile(
+    "|".join(
+        (
+            rf"\$(y|gy)\${B64}+\${B64}{{1,86}}\${B64}{{43}}",  # yescrypt, gost-yescrypt
+            rf"\$6\$(rounds=[0-9]{{1,9}}\$)?[^$:\s]{{1,16}}\${B64}{{86}}",  # SHA-512
+            rf"\$5\$(rounds=[0-9]{{1,9}}\$)?[^$:\s]{{1,16}}\${B64}{{43}}",  # SHA-256
+            rf"\$2[by]\$[0-9]{{2}}\${B64}{{53}}",  # bcrypt
+        )
+    )
+)
+# Locked forms: "*" (no password login) and "!" (locked), the latter also before a hash.
+LOCKED = re.compile(r"\*|!\*?")
+
+
+def check_root_hash(value: str, where: str) -> str:
+    """`value` if it is a crypt hash or a locked form; else ConfigError naming `where`."""
+    hash_ = value.removeprefix("!") if value.startswith("!$") else value
+    if CRYPT_HASH.fullmatch(hash_) or LOCKED.fullmatch(value):
         return value
-    return read_root_hash(site.head_shadow)
+    raise ConfigError(
+        [f"{where}: expected one crypt(3) hash (yescrypt $y$, SHA-512 $6$, SHA-256 $5$, "
+         "bcrypt $2b$/$2y$, gost-yescrypt $gy$; e.g. from `mkpasswd -m yescrypt`) or a locked "
+         "form (*, !); plaintext is refused"]
+    )  # fmt: skip
+
+
+def image_root_hash(site: Site, image: Image) -> str:
+    """The image's own hash if it has a `.rootpw` (mode 0600, a regular file in images.d, one
+    crypt hash), else the head's."""
+    own = image.root_hash_file
+    where = rel_to(own, site.paths.root)
+    try:
+        st = own.lstat()
+    except FileNotFoundError:
+        return read_root_hash(site.head_shadow)
+    except OSError as e:
+        raise ConfigError([f"{where}: cannot read: {e.strerror}"]) from e
+    if not stat.S_ISREG(st.st_mode):  # a link could read any file of the head into the image
+        raise ConfigError([f"{where}: expected a regular file holding one crypt(3) hash"])
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            [f"{where}: mode {mode:04o} exposes the root password hash; expected 0600"]
+        )
+    try:
+        fd = os.open(own, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(4097)
+    except OSError as e:
+        raise ConfigError([f"{where}: cannot read: {e.strerror}"]) from e
+    try:
+        value = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        value = ""  # binary: refused below, without echoing any of it
+    return check_root_hash(value, where)
+
+
+def rel_to(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def root_hash_digest(site: Site, image: Image) -> str:
@@ -48,21 +105,27 @@ def root_hash_digest(site: Site, image: Image) -> str:
 
 
 def group_id(root: Path, name: str) -> int | None:
-    group = root / "etc/group"
-    if group.exists():
-        for line in group.read_text().splitlines():
-            fields = line.split(":")
-            if fields[0] == name and len(fields) >= 3 and fields[2].isdigit():
-                return int(fields[2])
+    # Read inside the image (its links resolved in it): a module's /etc/group may be a link.
+    for line in text_in_root(root, "etc/group").splitlines():
+        fields = line.split(":")
+        if fields[0] == name and len(fields) >= 3 and fields[2].isdigit():
+            return int(fields[2])
     return None
 
 
+def text_in_root(root: Path, rel: str) -> str:
+    data = read_in_root(root, rel)
+    return "" if data is None else data.decode("utf-8", "surrogateescape")
+
+
 def set_root_hash(root: Path, hash_: str) -> None:
-    """Write the image's /etc/shadow with root's hash replaced (or a root entry added)."""
-    shadow = root / "etc/shadow"
-    lines = shadow.read_text().splitlines() if shadow.exists() else []
+    """Write the image's /etc/shadow with root's hash replaced (or a root entry added).
+
+    The old file is read and the new one written inside the staged tree only: a module that
+    ships /etc/shadow (or /etc) as a link to a path on the head neither leaks that file into
+    the image nor gets it overwritten (see trees.resolve_in_root)."""
     out, found = [], False
-    for line in lines:
+    for line in text_in_root(root, "etc/shadow").splitlines():
         fields = line.split(":")
         if fields[0] == "root":
             fields[1] = hash_
@@ -71,11 +134,11 @@ def set_root_hash(root: Path, hash_: str) -> None:
         out.append(line)
     if not found:
         out.insert(0, f"root:{hash_}:19000:0:99999:7:::")
-    shadow.parent.mkdir(parents=True, exist_ok=True)
-    # The stage may hold a hard link into the module cache: replace, never write through.
-    shadow.unlink(missing_ok=True)
-    fd = os.open(shadow, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(f"{line}\n" for line in out))
-    os.chown(shadow, 0, group_id(root, "shadow") or 0)
-    os.chmod(shadow, 0o640)
+    data = "".join(f"{line}\n" for line in out).encode("utf-8", "surrogateescape")
+    # The stage may hold a hard link into the module cache: replaced, never written through.
+    try:
+        replace_in_root(root, "etc/shadow", data, 0o640, (0, group_id(root, "shadow") or 0))
+    except OSError as e:
+        raise QlimageError(
+            f"/etc/shadow: cannot install it in the staged image: {e.strerror}"
+        ) from e

@@ -23,12 +23,13 @@ from pathlib import Path
 
 from qlimage import contract
 from qlimage.atomic import atomic_path, write_text
+from qlimage.errors import ConfigError, QlimageError
 from qlimage.image import changelogs, overlays, rootpw
 from qlimage.layout import Layout
-from qlimage.pool.packages import ModulePackage
+from qlimage.pool.packages import ModulePackage, check_module_archives
 from qlimage.run import run
 from qlimage.site import Image, Site
-from qlimage.trees import manifest
+from qlimage.trees import manifest, replace_in_root
 
 STAMP = ".qlimage-unpacked"
 # The node side (qlimage/node) in the image: the runner package is imported by its launcher
@@ -62,6 +63,24 @@ def unpack_module(site: Site, module: ModulePackage) -> Path:
     return tree
 
 
+def input_problems(site: Site, modules: Sequence[ModulePackage]) -> list[str]:
+    """What staging reads that can be checked before any task: every module archive (nothing
+    in it may unpack outside its tree; see packages.check_module_archive) and every overlay
+    layer (remove lines, special files). One line per problem, each naming its file, so
+    `qlimage validate` and the build report them all at once."""
+    problems: list[str] = []
+    layout = Layout(site)
+    cache = layout.pool_cache if layout.bootfiles.is_dir() else None
+    try:
+        check_module_archives(modules, cache)
+    except QlimageError as e:
+        problems += e.problems if isinstance(e, ConfigError) else [str(e)]
+    names = sorted(site.images)
+    for layer in sorted({la for n in names for la in overlays.layers(site.paths.overlays, n)}):
+        problems += overlays.check_layer(layer)
+    return problems
+
+
 def resolved_modules_json(image: Image, modules: Sequence[ModulePackage]) -> str:
     data = {
         "image": image.name,
@@ -75,16 +94,13 @@ def resolved_modules_json(image: Image, modules: Sequence[ModulePackage]) -> str
 
 
 def replace_file(root: Path, rel: str, data: bytes, mode: int) -> None:
-    path = root / rel
-    for parent in reversed(path.relative_to(root).parents):
-        d = root / parent
-        if not d.exists():
-            d.mkdir()
-            os.chmod(d, 0o755)
-    path.unlink(missing_ok=True)
-    path.write_bytes(data)
-    os.chown(path, 0, 0)
-    os.chmod(path, mode)
+    """Install a file of ours at `rel` in the stage, owned by root. Its directories are resolved
+    inside the stage (a module's link, even to an absolute path, means a path in the image), so
+    nothing is ever written outside it, nor through a hard link into the module cache."""
+    try:
+        replace_in_root(root, rel, data, mode, (0, 0))
+    except OSError as e:
+        raise QlimageError(f"/{rel}: cannot install it in the staged image: {e.strerror}") from e
 
 
 def node_files() -> dict[str, tuple[bytes, int]]:

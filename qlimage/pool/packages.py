@@ -18,7 +18,7 @@ from pathlib import Path
 from debian.debian_support import Version
 
 from qlimage.atomic import write_text
-from qlimage.errors import QlimageError
+from qlimage.errors import ConfigError, QlimageError
 
 PACKAGE_PREFIX = "qlustar-module-"
 MODULE_FIELD = "Qlustar-Module"
@@ -49,9 +49,11 @@ class ModulePackage:
 
 # --- reading packages --------------------------------------------------------------------
 
-# Control paragraphs keyed by (path, size, mtime_ns): a pool is rescanned for every image
-# build, and a .deb that has not changed on disk has not changed its control data either.
-_control_cache: dict[tuple[str, int, int], dict[str, str]] = {}
+# Control paragraphs keyed by (path, inode, size, mtime_ns, ctime_ns): a pool is rescanned for
+# every image build, and a .deb that has not changed on disk has not changed its control data
+# either. Size and mtime alone are not enough: a same-length rewrite can set its mtime back
+# (os.utime, cp -p, tar), but not its ctime, and a file renamed over it has another inode.
+_control_cache: dict[tuple[str, int, int, int, int], dict[str, str]] = {}
 
 
 def read_module(path: Path) -> ModulePackage:
@@ -94,7 +96,7 @@ def read_control(path: Path) -> dict[str, str]:
         st = path.stat()
     except OSError as exc:
         raise QlimageError(f"{path}: cannot read package: {exc.strerror}") from exc
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     cached = _control_cache.get(key)
     if cached is None:
         cached = _control_cache[key] = parse_control(path)
@@ -102,23 +104,29 @@ def read_control(path: Path) -> dict[str, str]:
 
 
 def load_control_cache(path: Path) -> None:
-    """Seed the control cache from a file written by save_control_cache (a no-op build then
-    reads no .deb at all); an unreadable file is ignored."""
+    """Seed the control cache and the checked archives from a file written by
+    save_control_cache (a no-op build then reads no .deb at all); an unreadable file is
+    ignored."""
     try:
-        entries = json.loads(path.read_text())
-        for name, size, mtime_ns, control in entries:
-            _control_cache.setdefault((name, size, mtime_ns), control)
-    except (OSError, ValueError, TypeError):
+        doc = json.loads(path.read_text())
+        for name, ino, size, mtime_ns, ctime_ns, control in doc["control"]:
+            _control_cache.setdefault((name, ino, size, mtime_ns, ctime_ns), control)
+        for name, ino, size, mtime_ns, ctime_ns in doc["archives"]:
+            _checked_archives.add((name, ino, size, mtime_ns, ctime_ns))
+    except (OSError, ValueError, TypeError, KeyError):
         pass
 
 
 def save_control_cache(path: Path) -> None:
-    entries = sorted(
-        [name, size, mtime, control]
-        for (name, size, mtime), control in _control_cache.items()
-        if Path(name).exists()
-    )
-    text = json.dumps(entries, sort_keys=True)
+    doc = {
+        "control": sorted(
+            [name, ino, size, mtime, ctime, control]
+            for (name, ino, size, mtime, ctime), control in _control_cache.items()
+            if Path(name).exists()
+        ),
+        "archives": sorted(list(key) for key in _checked_archives if Path(key[0]).exists()),
+    }
+    text = json.dumps(doc, sort_keys=True)
     try:
         if path.exists() and path.read_text() == text:
             return
@@ -348,6 +356,105 @@ def sha256_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
         for chunk in iter(lambda: fileobj.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --- archive safety: checked before any task, so unpacking never leaves the module's tree -----
+
+# .debs whose data archive passed check_module_archive, by (path, inode, size, mtime_ns,
+# ctime_ns): a replaced or rewritten file changes its ctime, which no tool can set back.
+_checked_archives: set[tuple[str, int, int, int, int]] = set()
+
+
+def archive_key(path: Path) -> tuple[str, int, int, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def check_module_archive(path: Path) -> None:
+    """QlimageError naming the package file and the member if the .deb's data archive could
+    make an unpacker leave its tree: a member named by an absolute path or with `..`, a hard
+    link to such a path or to a member that is not (yet) in the archive, or a member below a
+    symlink member; or if the archive cannot be read to its end (truncated, corrupt)."""
+    path = Path(path)
+    try:
+        key = archive_key(path)
+    except OSError as exc:
+        raise QlimageError(f"{path}: cannot read package: {exc.strerror}") from exc
+    if key in _checked_archives:
+        return
+    try:
+        from debian.debfile import DebFile  # slow to import; only when a .deb is read
+
+        with DebFile(path) as deb:
+            tar = deb.data.tgz()
+            check_members(path, tar)
+    except QlimageError:
+        raise
+    except Exception as exc:  # see parse_control
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise QlimageError(f"{path}: not a readable .deb package: {reason}") from exc
+    _checked_archives.add(key)
+
+
+def check_members(path: Path, tar: tarfile.TarFile) -> None:
+    seen: set[str] = set()
+    links: set[str] = set()  # symlink members: nothing may be unpacked below one
+    for member in tar:
+        name = member_problem_name(path, member.name, "member")
+        if member.islnk():
+            target = member_problem_name(path, member.linkname, f"hard link {member.name!r} to")
+            if target not in seen or target in links:
+                raise QlimageError(
+                    f"{path}: member {member.name!r}: hard link to {member.linkname!r}, "
+                    "which is not a file earlier in the package"
+                )
+        for parent in Path(name).parents:
+            if str(parent) in links:
+                raise QlimageError(
+                    f"{path}: member {member.name!r} lies below the symlink member "
+                    f"{parent.as_posix()!r}: unpacking it would follow the link"
+                )
+        if member.issym():
+            if not name:
+                raise QlimageError(f"{path}: member {member.name!r}: the package root is a link")
+            links.add(name)
+        elif member.isfile() or member.islnk():
+            read_to_end(tar, member)  # a truncated archive fails here, not while unpacking
+        seen.add(name)
+
+
+def member_problem_name(path: Path, raw: str, what: str) -> str:
+    """The member name without "./"; QlimageError if it is absolute or has `..`."""
+    if raw.startswith("/") or ".." in raw.split("/"):
+        raise QlimageError(
+            f"{path}: {what} {raw!r}: an absolute path or '..' would leave the package tree"
+        )
+    return normalize_member_name(raw)
+
+
+def read_to_end(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    fileobj = tar.extractfile(member)
+    if fileobj is not None:
+        with fileobj:
+            while fileobj.read(1 << 20):
+                pass
+
+
+def check_module_archives(modules: Iterable[ModulePackage], cache: Path | None) -> None:
+    """check_module_archive for every module .deb that exists (a recipe's is built later);
+    every bad package is reported, each on its line. The checked ones are remembered in the
+    pool cache file (`cache`), so a no-op build reads no archive."""
+    problems = []
+    before = len(_checked_archives)
+    for path in sorted({m.path for m in modules if m.path.exists()}):
+        try:
+            check_module_archive(path)
+        except QlimageError as e:
+            problems.append(str(e))
+    if cache is not None and len(_checked_archives) != before:
+        save_control_cache(cache)
+    if problems:
+        raise ConfigError(problems)
 
 
 def module_changelog(path: Path) -> str | None:

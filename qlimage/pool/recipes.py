@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from qlimage.atomic import TMP_PREFIX
 from qlimage.errors import BuildError
+from qlimage.image.publish import fault_point
 from qlimage.pool.debpack import build_deb
 from qlimage.run import run
 from qlimage.site import Recipe, Site
@@ -94,6 +95,26 @@ def write_packages_list(recipe: Recipe, debs: list[tuple[BinaryPackage, Path]], 
     )
 
 
+def temporary_prefix(recipe: Recipe) -> str:
+    return f"{TMP_PREFIX}module.{recipe.module}."
+
+
+def remove_temporaries(site: Site, recipe: Recipe) -> list[Path]:
+    """What a killed build of this recipe left in the pool: its tree and build_deb's temporary.
+    Only this recipe's: doit may build other modules beside it at the same time, and a build
+    killed in this recipe makes the next build run this recipe again."""
+    output = recipe_output(site, recipe)
+    prefixes = (temporary_prefix(recipe), f"{TMP_PREFIX}{output.name}.")
+    stale = [
+        p
+        for p in output.parent.iterdir()
+        if p.name.startswith(prefixes) and p.is_dir() and not p.is_symlink()
+    ]
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
+
+
 def build_module(site: Site, recipe: Recipe) -> Path:
     """Fetch the recipe's packages (cached, SHA256-checked) and build the module .deb."""
     from qlimage.pool.mirror import open_archive  # the archive client pulls in requests
@@ -103,11 +124,13 @@ def build_module(site: Site, recipe: Recipe) -> Path:
     debs = [(pkg, archive.download(pkg)) for pkg in closure]
     output = recipe_output(site, recipe)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "module.", dir=output.parent) as tmp:
+    remove_temporaries(site, recipe)
+    with tempfile.TemporaryDirectory(prefix=temporary_prefix(recipe), dir=output.parent) as tmp:
         tree = Path(tmp) / "tree"
         tree.mkdir()
         os.chmod(tree, 0o755)
         unpack_packages(debs, tree)
+        fault_point("module-unpacked")
         add_files(recipe, tree)
         if recipe.busybox_links:
             add_busybox_links(tree)

@@ -31,6 +31,7 @@ from qlimage.site.model import (
     Host,
     HostAddress,
     Image,
+    Multicast,
     Network,
     Paths,
     Recipe,
@@ -64,8 +65,9 @@ def json_path(path: Any) -> str:
 
 
 class ValidationCache:
-    """Remembers which files passed their schema, by (size, mtime, schema digest), and their
-    parsed data.
+    """Remembers which files passed their schema, by (content digest, schema digest), and
+    their parsed data. The content, not size and mtime: a same-length edit whose mtime was set
+    back must still be seen, and hashing a site file is cheap next to parsing it.
 
     Parsing and validating a 1 000-node inventory costs more than everything else a no-op
     build does, so a file unchanged since it last validated is neither parsed nor validated
@@ -85,9 +87,13 @@ class ValidationCache:
 
     @staticmethod
     def key(file: Path, schema_name: str) -> list[Any]:
-        st = file.stat()
-        digest = hashlib.sha256(json.dumps(schema(schema_name)).encode()).hexdigest()[:16]
-        return [st.st_size, st.st_mtime_ns, schema_name, digest]
+        content = hashlib.sha256(file.read_bytes()).hexdigest()
+        return [content, schema_name, ValidationCache.schema_digest(schema_name)]
+
+    @staticmethod
+    @cache
+    def schema_digest(name: str) -> str:
+        return hashlib.sha256(json.dumps(schema(name)).encode()).hexdigest()[:16]
 
     def check(self, data: Any, schema_name: str, where: str, file: Path) -> list[str]:
         try:
@@ -122,8 +128,10 @@ class ValidationCache:
         if errors:
             problems += errors
             return None
-        self.entries[str(file)] = [key, raw]
-        self.changed = True
+        with contextlib.suppress(OSError):
+            if self.key(file, schema_name) == key:  # not edited while it was parsed
+                self.entries[str(file)] = [key, raw]
+                self.changed = True
         return raw
 
     def save(self) -> None:
@@ -138,11 +146,28 @@ class ValidationCache:
 def validate(data: Any, schema_name: str, where: str) -> list[str]:
     import jsonschema  # only when a file really needs validating: the import is slow
 
-    validator = jsonschema.Draft202012Validator(
-        schema(schema_name), format_checker=jsonschema.FormatChecker()
-    )
+    validator = strict_validator()(schema(schema_name), format_checker=jsonschema.FormatChecker())
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     return [f"{where}: {json_path(e.absolute_path)}: {brief(e)}" for e in errors]
+
+
+def anchored(pattern: str) -> str:
+    r"""JSON Schema patterns are ECMA-262 regexes, whose `$` is the end of the string; Python's
+    `$` also matches before a final newline, so "eth0\n" would pass "^[a-z0-9]+$" and end a
+    line of a generated file. The schemas use `$` only as that anchor (a test checks), so each
+    unescaped `$` becomes Python's `\Z`."""
+    return re.sub(r"(?<!\\)\$", r"\\Z", pattern)
+
+
+@cache
+def strict_validator() -> Any:
+    import jsonschema
+
+    def pattern(validator: Any, patrn: str, instance: Any, subschema: Any) -> Any:
+        if validator.is_type(instance, "string") and not re.search(anchored(patrn), instance):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {patrn!r}")
+
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": pattern})
 
 
 def brief(error: Any) -> str:
@@ -151,7 +176,10 @@ def brief(error: Any) -> str:
         return f"{error.instance!r} is not a valid address (expected an IPv4 string or a table)"
     if error.validator == "additionalProperties":
         return error.message.replace("Additional properties", "unknown field(s)")
-    return error.message
+    # A pattern says what it accepts in words (`expected`): the regex is for the schema's reader.
+    if error.validator == "pattern" and "expected" in error.schema:
+        return f"{error.instance!r}: expected {error.schema['expected']}"
+    return str(error.message)
 
 
 def read_toml(path: Path, problems: list[str], where: str) -> dict[str, Any] | None:
@@ -159,6 +187,12 @@ def read_toml(path: Path, problems: list[str], where: str) -> dict[str, Any] | N
         with path.open("rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
+        problems.append(f"{where}: {e}")
+    except UnicodeDecodeError as e:
+        problems.append(f"{where}: not UTF-8 text (invalid byte at offset {e.start})")
+    except RecursionError:
+        problems.append(f"{where}: nested too deeply to be a site file")
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
         problems.append(f"{where}: {e}")
     except OSError as e:
         problems.append(f"{where}: cannot read: {e.strerror}")
@@ -179,7 +213,9 @@ def load_site(root: Path | str = ".") -> Site:
     site_path = root / SITE_FILE
     if not site_path.exists():
         raise ConfigError([f"{site_path}: no site settings file (is {root} a qlimage site?)"])
-    raw = read_toml(site_path, problems, SITE_FILE) or {}
+    raw = read_toml(site_path, problems, SITE_FILE)
+    if raw is None:  # nothing else can be checked without it
+        raise ConfigError(problems)
     paths_ok = isinstance(raw.get("paths", {}), dict)  # not validated yet
     bootfiles = setting(raw, "paths", "bootfiles") if paths_ok else None
     checked = ValidationCache(
@@ -195,15 +231,30 @@ def load_site(root: Path | str = ".") -> Site:
     networks = make_networks(raw["networks"], problems)
     chroots = load_chroots(paths, raw["head"]["address"], problems, checked)
     images = load_images(paths, chroots, problems, checked)
+    # Names of images whose file is invalid: reported by itself, not again as "unknown image".
+    broken = {p.stem for p in toml_files(paths.images, [], root)} - {
+        i.source.stem for i in images.values()
+    }
     bootconfigs = make_bootconfigs(raw.get("bootconfigs", {}), images, problems)
     boot = raw.get("boot", {})
     default = boot.get("default")
     if default is not None and default not in bootconfigs:
         problems.append(f"{SITE_FILE}: .boot.default: unknown boot config {default!r}")
-    hosts = load_hosts(paths, networks, images, bootconfigs, chroots, problems, checked)
+    hosts = load_hosts(
+        paths, networks, images, bootconfigs, chroots, problems, checked, raw["head"]["address"],
+        broken,
+    )  # fmt: skip
     recipes = load_recipes(paths, problems, checked)
+    check_squashfs(raw, problems)
+    check_multicast(raw, problems)
+    name = raw.get("site", {}).get("name", root.name)
+    if not SITE_NAME.fullmatch(name):
+        problems.append(
+            f"{SITE_FILE}: .site.name: {name!r} (the default is the site directory's name):"
+            " expected printable characters without control characters"
+        )
     for bc in bootconfigs.values():
-        if bc.image not in images:
+        if bc.image not in images and bc.image not in broken:
             problems.append(
                 f"{SITE_FILE}: .bootconfigs.{bc.name}.image: unknown image {bc.image!r}"
                 f" (images.d has: {', '.join(sorted(images)) or 'none'})"
@@ -218,20 +269,14 @@ def load_site(root: Path | str = ".") -> Site:
         if host.bootconfig not in all_bootconfigs:
             all_bootconfigs[host.bootconfig] = BootConfig(host.bootconfig, host.bootconfig, "", "")
 
-    key = "source_date_epoch"
-    epoch = raw.get("site", {}).get(key)
-    if epoch is None:
-        env_epoch = os.environ.get("SOURCE_DATE_EPOCH", str(setting({}, "site", key)))
-        if not env_epoch.isdigit():
-            raise ConfigError([f"SOURCE_DATE_EPOCH: not an integer: {env_epoch!r}"])
-        epoch = int(env_epoch)
+    epoch = source_date_epoch(raw)
     head = raw["head"]
     archive = raw.get("archive", {})
     kernel = raw.get("kernel", {})
     compressor = setting(raw, "squashfs", "compressor")
     return Site(
-        name=raw.get("site", {}).get("name", root.name),
-        source_date_epoch=int(epoch),
+        name=name,
+        source_date_epoch=epoch,
         head_address=head["address"],
         http_port=setting(raw, "head", "http_port"),
         head_shadow=root / setting(raw, "head", "shadow"),
@@ -260,7 +305,102 @@ def load_site(root: Path | str = ".") -> Site:
         hosts=tuple(sorted(hosts, key=lambda h: h.name)),
         recipes=tuple(recipes),
         chroots=MappingProxyType(chroots),
+        admin_networks=tuple(setting(raw, "head", "admin_networks")),
+        dns_servers=tuple(setting(raw, "head", "dns")),
+        serve_dns=setting(raw, "head", "serve_dns"),
+        multicast=make_multicast(raw),
     )
+
+
+# What names the site in generated files (the apt hook's config comment): one line.
+SITE_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+# mksquashfs, cpio (newc: 8 hex digits) and tar all store a time as an unsigned 32-bit number.
+MAX_EPOCH = 2**32 - 1
+
+
+def source_date_epoch(raw: Mapping[str, Any]) -> int:
+    """site.toml's value (its schema bounds it), else $SOURCE_DATE_EPOCH, else the default."""
+    key = "source_date_epoch"
+    epoch = raw.get("site", {}).get(key)
+    if epoch is not None:
+        return int(epoch)
+    env_epoch = os.environ.get("SOURCE_DATE_EPOCH", str(setting({}, "site", key)))
+    # Not str.isdigit(): it is true for digits int() refuses, such as "²".
+    if not re.fullmatch(r"[0-9]{1,10}", env_epoch) or int(env_epoch) > MAX_EPOCH:
+        raise ConfigError(
+            [f"SOURCE_DATE_EPOCH: {env_epoch!r}: expected seconds since 1970, 0 to {MAX_EPOCH}"]
+        )
+    return int(env_epoch)
+
+
+# The levels mksquashfs accepts per compressor (`mksquashfs -help`); None: it has no levels.
+# lz4 has only -Xhc, which squashfs.py selects for a level of 9 or more (lz4's own HC levels).
+SQUASHFS_LEVELS: Mapping[str, tuple[int, int] | None] = MappingProxyType(
+    {"gzip": (1, 9), "lzo": (1, 9), "zstd": (1, 22), "lz4": (1, 12), "xz": None}
+)
+
+
+def mcast_setting(raw: Mapping[str, Any], key: str) -> Any:
+    return setting(raw, "multicast", key)
+
+
+def check_multicast(raw: Mapping[str, Any], problems: list[str]) -> None:
+    """What the schema cannot say of [multicast]: the ranges fit, and the control port is not
+    one a session could take."""
+    where = f"{SITE_FILE}: .multicast"
+    first, last = mcast_setting(raw, "data_port_first"), mcast_setting(raw, "data_port_last")
+    if last - first < 1:
+        problems.append(
+            f"{where}.data_port_last: {last}: expected at least data_port_first + 1"
+            f" ({first + 1}): a session uses a pair of ports"
+        )
+    port = mcast_setting(raw, "port")
+    if first <= port <= last:
+        problems.append(
+            f"{where}.port: {port}: expected a port outside data_port_first .. data_port_last"
+            f" ({first} .. {last})"
+        )
+    base = ipaddress.IPv4Address(mcast_setting(raw, "group_base"))
+    groups = mcast_setting(raw, "groups")
+    if base in ipaddress.IPv4Network("224.0.0.0/24") or int(base) + groups - 1 > int(
+        ipaddress.IPv4Address("239.255.255.255")
+    ):
+        problems.append(
+            f"{where}.group_base: {str(base)!r} with {groups} groups: expected groups inside"
+            " 224.0.1.0 .. 239.255.255.255 (224.0.0.x is link-local control traffic)"
+        )
+
+
+def make_multicast(raw: Mapping[str, Any]) -> Multicast:
+    return Multicast(
+        enabled=mcast_setting(raw, "enabled"),
+        address=mcast_setting(raw, "address") or raw["head"]["address"],
+        port=mcast_setting(raw, "port"),
+        group_base=mcast_setting(raw, "group_base"),
+        groups=mcast_setting(raw, "groups"),
+        data_port_first=mcast_setting(raw, "data_port_first"),
+        data_port_last=mcast_setting(raw, "data_port_last"),
+        window=float(mcast_setting(raw, "window")),
+        max_bitrate=mcast_setting(raw, "max_bitrate"),
+    )
+
+
+def check_squashfs(raw: Mapping[str, Any], problems: list[str]) -> None:
+    """A level the compressor has: mksquashfs would refuse it in the middle of a build."""
+    level = raw.get("squashfs", {}).get("level")
+    if level is None:
+        return
+    compressor = setting(raw, "squashfs", "compressor")
+    levels = SQUASHFS_LEVELS[compressor]
+    if levels is None:
+        problems.append(
+            f"{SITE_FILE}: .squashfs.level: {compressor} takes no compression level; remove it"
+        )
+    elif not levels[0] <= level <= levels[1]:
+        problems.append(
+            f"{SITE_FILE}: .squashfs.level: {level} is not a {compressor} level"
+            f" (expected {levels[0]} to {levels[1]})"
+        )
 
 
 def default_level(compressor: str) -> int | None:
@@ -309,9 +449,24 @@ def make_networks(raw: Mapping[str, Any], problems: list[str]) -> dict[str, Netw
     return networks
 
 
-def toml_files(directory: Path) -> Iterator[Path]:
-    if directory.is_dir():
-        yield from sorted(p for p in directory.iterdir() if p.suffix == ".toml" and p.is_file())
+# Names of site files and directories that name things: they appear in generated files (a
+# nodes.d file name in every option file's header) and in error lines.
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def toml_files(directory: Path, problems: list[str], root: Path) -> Iterator[Path]:
+    if not directory.is_dir():
+        return
+    for path in sorted(p for p in directory.iterdir() if p.suffix == ".toml" and p.is_file()):
+        if FILE_NAME.fullmatch(path.name):
+            yield path
+        else:
+            problems.append(f"{bad_name(path, root)}: expected letters, digits, '.', '_', '+', '-'")
+
+
+def bad_name(path: Path, root: Path) -> str:
+    """A file name that may hold a newline, for a one-line message: as a Python literal."""
+    return f"{rel(path.parent, root)}/{path.name!a}"
 
 
 def load_chroots(
@@ -319,9 +474,15 @@ def load_chroots(
 ) -> dict[str, Chroot]:
     chroots: dict[str, Chroot] = {}
     for path in sorted(paths.chroots.glob("*/chroot.toml")):
+        name = path.parent.name
+        if not CHROOT_NAME.fullmatch(name):
+            problems.append(
+                f"{bad_name(path.parent, paths.root)}: a chroot name: expected lower-case"
+                " letters, digits, '.', '_', '-' (what images and hosts can name)"
+            )
+            continue
         raw = checked.read(path, "chroot", rel(path, paths.root), problems)
         if raw is not None:
-            name = path.parent.name
             chroots[name] = Chroot(
                 name,
                 raw.get("server", head),
@@ -330,6 +491,9 @@ def load_chroots(
                 raw.get("description", ""),
             )
     return chroots
+
+
+CHROOT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")  # the schema's pattern for a chroot reference
 
 
 def missing_chroot(paths: Paths, chroots: Mapping[str, Chroot], name: str) -> bool:
@@ -341,7 +505,7 @@ def load_images(
     paths: Paths, chroots: Mapping[str, Chroot], problems: list[str], checked: ValidationCache
 ) -> dict[str, Image]:
     images: dict[str, Image] = {}
-    for path in toml_files(paths.images):
+    for path in toml_files(paths.images, problems, paths.root):
         where = rel(path, paths.root)
         raw = checked.read(path, "image", where, problems)
         if raw is None:
@@ -368,6 +532,7 @@ def load_images(
             chroot,
             raw.get("description", ""),
             path,
+            listed=tuple(raw["modules"]),
         )
     return images
 
@@ -395,6 +560,8 @@ def load_hosts(
     chroots: Mapping[str, Chroot],
     problems: list[str],
     checked: ValidationCache,
+    head: str,
+    broken: set[str],
 ) -> list[Host]:
     hosts: list[Host] = []
     seen: dict[tuple[str, str], str] = {}  # (kind, value) -> "file: path" that claimed it first
@@ -407,7 +574,7 @@ def load_hosts(
 
     boot_net = next((n for n in networks.values() if n.boot), None)
     files: list[tuple[str, dict[str, Any]]] = []
-    for path in toml_files(paths.nodes):
+    for path in toml_files(paths.nodes, problems, paths.root):
         where = rel(path, paths.root)
         raw = checked.read(path, "nodes", where, problems)
         if raw is None:
@@ -419,6 +586,11 @@ def load_hosts(
             at = f"{where}: .hosts[{i}]"
             claim("name", h["name"], at + ".name")
             claim("MAC", h["mac"].lower(), at + ".mac")
+            if not unicast_mac(h["mac"]):
+                problems.append(
+                    f"{at}.mac: {h['mac']} is a broadcast, multicast or zero MAC;"
+                    " expected the station address of the node's NIC"
+                )
             addresses = []
             for net_name, value in sorted(h["networks"].items()):
                 entry = value if isinstance(value, dict) else {"address": value}
@@ -429,10 +601,9 @@ def load_hosts(
                     )
                     continue
                 net = networks[net_name]
-                if ipaddress.IPv4Address(entry["address"]) not in net.cidr:
-                    problems.append(
-                        f"{at}.networks.{net_name}: {entry['address']} is outside {net.cidr}"
-                    )
+                unusable = unusable_address(entry["address"], net, head)
+                if unusable:
+                    problems.append(f"{at}.networks.{net_name}: {entry['address']} {unusable}")
                 claim("address", entry["address"], f"{at}.networks.{net_name}")
                 addresses.append(
                     HostAddress(
@@ -444,7 +615,7 @@ def load_hosts(
                 )
             if boot_net is not None and boot_net.name not in h["networks"]:
                 problems.append(f"{at}.networks: no address on the boot network {boot_net.name!r}")
-            bootconfig = host_bootconfig(h, images, bootconfigs, at, problems)
+            bootconfig = host_bootconfig(h, images, bootconfigs, at, problems, broken)
             options, sources = merge_options(h, optionsets, groups, at, problems)
             check_options(options, sources, h, paths, chroots, at, problems)
             hosts.append(
@@ -459,6 +630,26 @@ def load_hosts(
                 )
             )
     return hosts
+
+
+def unicast_mac(mac: str) -> bool:
+    """A NIC's own address: not all zeros, and the group bit (multicast, broadcast) clear."""
+    octets = [int(part, 16) for part in mac.split(":")]
+    return any(octets) and not octets[0] & 1
+
+
+def unusable_address(address: str, net: Network, head: str) -> str:
+    """Why a host cannot have `address` on `net`, or "": outside the network, its network or
+    broadcast address (none on /31 and /32 networks, RFC 3021), or the head's own address."""
+    addr = ipaddress.IPv4Address(address)
+    if addr not in net.cidr:
+        return f"is outside {net.cidr}"
+    if net.cidr.prefixlen < 31 and addr in (net.cidr.network_address, net.cidr.broadcast_address):
+        kind = "network" if addr == net.cidr.network_address else "broadcast"
+        return f"is the {kind} address of {net.cidr}; expected a host address"
+    if addr == ipaddress.IPv4Address(head):
+        return "is the head's own address (site.toml .head.address)"
+    return ""
 
 
 def collect_named(
@@ -556,6 +747,55 @@ def check_options(
     chroot = options.get("chroot")
     if chroot is not None and missing_chroot(paths, chroots, chroot):
         bad("chroot", f"no chroot {chroot!r} (no {chroot}/chroot.toml under {paths.chroots})")
+    seen: dict[str, int] = {}
+    for i, mount in enumerate(options.get("mounts", [])):
+        # Simplified as systemd does (the schema rules out "." and ".." components): two
+        # spellings of one path would be one unit file.
+        where = "/" + "/".join(part for part in mount["where"].split("/") if part)
+        if where == "/":
+            bad("mounts", f"[{i}]: cannot mount over /")
+        elif where in seen:
+            bad("mounts", f"[{i}]: {where} is already mounted by mounts[{seen[where]}]")
+        else:
+            seen[where] = i
+    for i, key in enumerate(options.get("authorized_keys", [])):
+        message = authorized_key_problem(key)
+        if message:
+            bad("authorized_keys", f"[{i}]: {key[:40]!r}: {message}")
+
+
+# Public key types sshd accepts in authorized_keys without options (ssh-keygen -l reads them).
+SSH_KEY_TYPES = frozenset(
+    {
+        "ssh-ed25519", "ssh-rsa", "ssh-dss", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+    }
+)  # fmt: skip
+
+
+def authorized_key_problem(key: str) -> str:
+    """Why `key` is not an authorized_keys line `type base64-blob [comment]`, or "". The blob is
+    a sequence of length-prefixed strings (RFC 4253, 6.6) whose first one is the key type."""
+    import base64
+    import binascii
+
+    words = key.split(None, 2)
+    if len(words) < 2 or words[0] not in SSH_KEY_TYPES:
+        return f"expected a key type ({', '.join(sorted(SSH_KEY_TYPES))}), then the key"
+    try:
+        blob = base64.b64decode(words[1], validate=True)
+    except binascii.Error:
+        return "the key is not base64"
+    fields = []
+    while blob:
+        size = int.from_bytes(blob[:4], "big")
+        if len(blob) < 4 + size:
+            return "the key is truncated"
+        fields.append(blob[4 : 4 + size])
+        blob = blob[4 + size :]
+    if len(fields) < 2 or fields[0] != words[0].encode():
+        return f"the key does not hold a {words[0]} key"
+    return ""
 
 
 def reserved_pxelinux_name(name: str) -> bool:
@@ -569,6 +809,7 @@ def host_bootconfig(
     bootconfigs: Mapping[str, BootConfig],
     at: str,
     problems: list[str],
+    broken: set[str],
 ) -> str:
     """A host names a boot config, or just an image (then it boots the image's implicit config)."""
     image, bootconfig = h.get("image"), h.get("bootconfig")
@@ -592,7 +833,7 @@ def host_bootconfig(
             f"{at}.image: an image named {image!r} cannot be booted by name;"
             " give the host a bootconfig"
         )
-    elif image not in images:
+    elif image not in images and image not in broken:
         problems.append(
             f"{at}.image: unknown image {image!r} (images.d has: "
             f"{', '.join(sorted(images)) or 'none'})"

@@ -58,6 +58,7 @@ class Image:
     chroot: str | None
     description: str
     source: Path
+    listed: tuple[str, ...] = ()  # the modules as the image file lists them (error messages)
 
     @property
     def root_hash_file(self) -> Path:
@@ -77,7 +78,8 @@ class Chroot:
 
     @property
     def source(self) -> str:
-        """What the node mounts, as `/init` reads it: server, port and export path."""
+        """What the node mounts, as `/init` reads it: server, port and export path (none holds
+        white space: the schema forbids it in the path)."""
         return f"{self.server} {self.port} {self.export}"
 
 
@@ -115,6 +117,23 @@ class Archive:
     sources: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]  # (uri, suites, components)
     arch: str
     index_max_age: float
+
+
+@dataclass(frozen=True)
+class Multicast:
+    """ql-mcastd's settings ([multicast]); `address` is the control address (the head's
+    unless set). Sessions use groups group_base .. +groups-1 and port pairs in
+    data_port_first .. data_port_last."""
+
+    enabled: bool = True
+    address: str = ""
+    port: int = 5000
+    group_base: str = "232.1.0.0"
+    groups: int = 256
+    data_port_first: int = 5001
+    data_port_last: int = 5999
+    window: float = 3.0
+    max_bitrate: str = "600m"
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,11 @@ class Site:
     hosts: tuple[Host, ...] = field(default=())
     recipes: tuple[Recipe, ...] = field(default=())
     chroots: Mapping[str, Chroot] = field(default_factory=lambda: MappingProxyType({}))
+    # Head services (serve/): who besides the nodes may fetch over HTTP; DNS for the nodes.
+    admin_networks: tuple[str, ...] = ()  # CIDRs, checked by the schema
+    dns_servers: tuple[str, ...] = ()  # empty: the head's address
+    serve_dns: bool = False
+    multicast: Multicast = field(default_factory=Multicast)
 
     def host_chroot(self, host: Host) -> Chroot | None:
         """The node's own chroot option overrides its image's chroot."""

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doit.exceptions import TaskFailed
+from doit.exceptions import TaskError
 from doit.tools import config_changed
 
-from qlimage.atomic import write_text
+from qlimage.atomic import clamp_outputs_below, write_text
 from qlimage.boot import pxelinux as pxe
 from qlimage.bundle import publish as node_files
 from qlimage.bundle import render as bundle
-from qlimage.errors import QlimageError
+from qlimage.errors import ConfigError, QlimageError
 from qlimage.image import generations, initrd, kernel, overlays, publish, rootpw, stage
 from qlimage.layout import Layout
 from qlimage.pool import recipes
@@ -57,12 +57,25 @@ def doit_config(site: Site) -> dict[str, Any]:
     }
 
 
+_state: dict[Path, tuple[tuple[int, int, int, int], Any]] = {}
+
+
+def read_state(path: Path) -> Any:
+    """doit's JSON state, parsed once per process while the file is unchanged (the checks
+    before the build and repair_state both read it; it is large for a large site)."""
+    st = path.stat()
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if path not in _state or _state[path][0] != key:
+        _state[path] = (key, json.loads(path.read_bytes()))
+    return _state[path][1]
+
+
 def repair_state(path: Path) -> None:
     """doit writes its JSON state in place, so a build killed at that moment leaves it torn.
     Set such a file aside instead of failing: every task then checks its targets again, and
     content-addressed generations make the rebuild publish nothing new."""
     try:
-        json.loads(path.read_bytes())
+        read_state(path)
     except FileNotFoundError:
         pass
     except ValueError:
@@ -95,8 +108,28 @@ def module_pool(site: Site) -> list[ModulePackage]:
     return list(pool.values())
 
 
-def resolve_image(site: Site, image: Image, pool: list[ModulePackage]) -> list[ModulePackage]:
-    return [resolve(pool, m, image.flavor, image.version) for m in image.modules]
+def resolve_image(
+    site: Site, image: Image, pool: list[ModulePackage], problems: list[str]
+) -> list[ModulePackage]:
+    """The image's modules in image order; each one that cannot be resolved is a problem line
+    naming the image file and the module's place in it (`images.d/x.toml: .modules[1]: ...`)."""
+    where = site_relative(site, image.source)
+    out = []
+    for module in image.modules:
+        try:
+            out.append(resolve(pool, module, image.flavor, image.version))
+        except QlimageError as e:
+            at = f".modules[{image.listed.index(module)}]" if module in image.listed else ""
+            at = at or ".modules (core, which every image has)"
+            problems.append(f"{where}: {at}: {e}")
+    return out
+
+
+def site_relative(site: Site, path: Path) -> str:
+    try:
+        return str(path.relative_to(site.paths.root))
+    except ValueError:
+        return str(path)
 
 
 @dataclass(frozen=True)
@@ -109,23 +142,58 @@ class Plan:
 
 
 def plan(site: Site) -> Plan:
+    """Resolve every image's modules and read its root password hash. ConfigError lists every
+    problem of every image at once, one line each, each naming its file."""
     pool = module_pool(site)
-    return Plan(
-        site,
-        {name: resolve_image(site, img, pool) for name, img in site.images.items()},
-        {name: rootpw.root_hash_digest(site, img) for name, img in site.images.items()},
-    )
+    problems: list[str] = stage.input_problems(site, pool)  # module archives, overlays
+    out = Layout(site)  # what we serve gets its mtimes clamped to the epoch, as the schema says
+    clamp_outputs_below([out.tftpboot, out.pxelinux_cfg, out.qlustar], site.source_date_epoch)
+    modules: dict[str, list[ModulePackage]] = {}
+    digests: dict[str, str] = {}
+    for name, img in site.images.items():
+        modules[name] = resolve_image(site, img, pool, problems)
+        try:
+            digests[name] = rootpw.root_hash_digest(site, img)
+        except ConfigError as e:
+            problems += e.problems
+        except QlimageError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError(problems)
+    return Plan(site, modules, digests)
+
+
+class UserFailure(TaskError):
+    """A task stopped on a QlimageError. It carries the error's report lines, not the error
+    (with `doit -n` it is pickled back from a worker process); qlimage's reporter collects it
+    instead of printing doit's failure report. A TaskError, not a TaskFailed, so that plain
+    `doit` exits with status 2 too."""
+
+    def __init__(self, error: QlimageError) -> None:
+        super().__init__(str(error))
+        self.lines = error.problems if isinstance(error, ConfigError) else [one_line(error)]
+
+
+def one_line(error: QlimageError) -> str:
+    """The error as one line: its first line, the command it ran (which names the file a tool
+    choked on: `run()` puts it on a `command:` detail line) and its hint."""
+    first, *rest = error.message.splitlines() or [""]
+    command = next((d.strip() for d in rest if d.strip().startswith("command: ")), None)
+    text = f"{first} ({command})" if command else first
+    return f"{text} (hint: {error.hint})" if error.hint else text
 
 
 def guarded(action: Callable[..., Any]) -> Callable[..., Any]:
-    """doit shows a user error as its one-line message instead of a traceback."""
+    """A user error stops the task as a UserFailure: reported once, as one line, by the CLI
+    (or by dodo.py's reporter), never as doit's failure report. Anything else is a bug and
+    reaches doit as the exception it is (a TaskError with its traceback)."""
 
     @functools.wraps(action)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             action(*args, **kwargs)
         except QlimageError as e:
-            return TaskFailed(str(e))
+            return UserFailure(e)
         return None
 
     return wrapper
@@ -302,6 +370,26 @@ def task_bundles(site: Site) -> Iterator[Task]:
         }
 
 
+def task_prune(site: Site) -> Task:
+    """Outputs of hosts and images that left the site go in the same build. Its input is the
+    set of what should exist, so a no-op build does not even list the directories."""
+    layout = Layout(site)
+    macs = sorted(layout.node_dir(h).name for h in site.hosts)
+    images = sorted(site.images)
+
+    def prune() -> None:
+        node_files.prune_nodes(layout, macs)
+        publish.prune_images(layout, images)
+
+    return {
+        "doc": "remove the node files of hosts and the generations of images that left the site",
+        "file_dep": [],
+        "targets": [],
+        "actions": [prune],
+        "uptodate": [config_changed({"nodes": macs, "images": images})],
+    }
+
+
 def task_tftpboot(site: Site) -> Task:
     layout = Layout(site)
     return {
@@ -312,6 +400,19 @@ def task_tftpboot(site: Site) -> Task:
             for n in ("pxelinux.0", "ldlinux.c32", "pxelinux.cfg", "qlustar")
         ],
         "actions": [(pxe.install_tftp_tree, [layout.tftpboot])],
+    }
+
+
+def task_headconfigs(site: Site) -> Task:
+    from qlimage.serve import head
+
+    rendered = head.configs(site)
+    return {
+        "doc": "head service configs: dnsmasq (DHCP, TFTP) and nginx (HTTP) in head/",
+        "file_dep": [],
+        "targets": [str(p) for p in rendered],
+        "actions": [(head.write_configs, [rendered])],
+        "uptodate": [config_changed(head.digest(rendered))],
     }
 
 
@@ -336,13 +437,14 @@ def creator(make: Callable[[], Any]) -> Callable[[], Any]:
     return generate
 
 
-def site_tasks(site: Site) -> dict[str, Any]:
+def site_tasks(site: Site, p: Plan | None = None) -> dict[str, Any]:
     """`task_*` creators for doit's loader (names are what `doit list` shows).
 
-    The plan is made here, eagerly, so a site whose images cannot be resolved fails before
-    doit starts, with the same one-line errors as a schema problem.
+    The plan (`tasks.check.check_build`'s, else made here) is made eagerly, so a site whose
+    images cannot be resolved fails before doit starts, with the same one-line errors as a
+    schema problem.
     """
-    p = plan(site)
+    p = p or plan(site)
     makers: dict[str, Callable[[], Any]] = {
         "module": lambda: task_modules(site),
         "kernel": lambda: task_kernel(site),
@@ -350,6 +452,8 @@ def site_tasks(site: Site) -> dict[str, Any]:
         "images": lambda: task_images(site, p),
         "pxelinux": lambda: task_pxelinux(site),
         "bundle": lambda: task_bundles(site),
+        "prune": lambda: task_prune(site),
         "tftpboot": lambda: task_tftpboot(site),
+        "headconfig": lambda: task_headconfigs(site),
     }
     return {f"task_{name}": creator(make) for name, make in makers.items()}

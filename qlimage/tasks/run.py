@@ -3,42 +3,104 @@
 `qlimage build`, `qlimage doit`, the apt hook and every future command call `run_graph`; a
 `dodo.py` (doit itself running) calls `dodo_namespace`. Both decide about the lock with
 `runs_tasks`, so builds of one site never overlap, whichever command started them.
+
+Errors come out the way every other user error does. Before doit starts, `check_build` finds
+what can be found without building (ConfigError, one line each). A task that stops on a user
+error returns a `graph.UserFailure`; the `Reporter` here collects it instead of printing doit's
+failure report, and `run_graph` raises it once doit has returned and saved its state: one line
+per failure on standard error (`task: problem`), exit status 2. A task that raises anything
+else is a bug: TaskCrashed, exit status 70, its traceback with --debug.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
+from doit.exceptions import BaseFail, UnmetDependency
+from doit.reporter import ConsoleReporter
+
+from qlimage.errors import TaskCrashed, TaskFailures
 from qlimage.image.publish import build_lock
 from qlimage.site import Site
 
-# doit commands that only read the graph (or forget its state); anything else may run tasks.
-READ_ONLY_DOIT = frozenset(
-    {"list", "info", "help", "dumpdb", "tabcompletion", "graph", "forget", "ignore"}
-)
+# doit commands that only read the graph and its state. (forget and ignore write the state, so
+# they wait for a running build like anything that may run tasks.)
+READ_ONLY_DOIT = frozenset({"list", "info", "help", "dumpdb", "tabcompletion", "graph"})
+# doit's status for errors in its own command line (an unknown task or option).
+DOIT_USAGE_ERROR = 3
 
 
 def runs_tasks(doit_args: Sequence[str]) -> bool:
-    """Whether these doit arguments may run tasks (and so need the build lock)."""
+    """Whether these doit arguments may run tasks or write doit's state (and so need the
+    build lock)."""
     command = next((a for a in doit_args if not a.startswith("-")), "run")
     return command not in READ_ONLY_DOIT
 
 
 def planned_tasks(site: Site) -> dict[str, Any]:
-    """The `task_*` creators, planned before the lock and before doit starts: a site whose
-    images cannot be resolved fails with one-line errors and creates nothing."""
+    """The `task_*` creators, after every check that needs no task (`check_build`): a site
+    that would fail there fails with one-line errors and creates nothing."""
+    from qlimage.tasks.check import check_build
     from qlimage.tasks.graph import site_tasks
 
-    return site_tasks(site)
+    return site_tasks(site, check_build(site))
 
 
-def doit_namespace(site: Site, tasks: dict[str, Any]) -> dict[str, Any]:
+class Reporter(ConsoleReporter):
+    """doit's console reporter (`.  task` lines on standard output) that keeps failures to
+    itself: `problems` are one line each (`task: problem`), `crashes` are bugs. With `echo`
+    (plain `doit` through dodo.py, where nobody raises them afterwards) it prints them on
+    standard error at the end, qlimage style."""
+
+    def __init__(self, outstream: IO[str], options: dict[str, Any], *, echo: bool = False):
+        super().__init__(outstream, options)
+        self.echo = echo
+        self.problems: list[str] = []
+        self.details: list[str] = []
+        self.crashes: list[tuple[str, str]] = []  # (one line, traceback)
+
+    def add_failure(self, task: Any, fail: BaseFail) -> None:
+        from qlimage.tasks.graph import UserFailure
+
+        if isinstance(fail, UserFailure):
+            self.problems += [f"{task.name}: {line}" for line in fail.lines]
+            self.details.append(f"{task.name}: {fail.message}")
+        elif isinstance(fail, UnmetDependency):
+            pass  # a task skipped because another failed: that one is reported
+        elif fail.traceback:
+            last = "".join(fail.traceback).strip().splitlines()[-1]
+            self.crashes.append((f"{task.name}: {last}", "".join(fail.traceback)))
+        else:  # doit's own finding, e.g. a file_dep deleted while the build ran
+            self.problems.append(f"{task.name}: {' '.join(fail.message.split())}")
+
+    def runtime_error(self, msg: str) -> None:
+        self.crashes.append((" ".join(msg.split()), msg))
+
+    def complete_run(self) -> None:
+        if not self.echo:
+            return
+        for line, _ in self.crashes:
+            print(f"qlimage: internal error: {line}", file=sys.stderr)
+        for line in self.problems:
+            print(f"qlimage: {line}", file=sys.stderr)
+
+    def raise_failures(self) -> None:
+        """What stopped the run, as the exception the CLI reports: a bug first."""
+        if self.crashes:
+            line, details = self.crashes[0]
+            raise TaskCrashed(line, details)
+        if self.problems:
+            raise TaskFailures(self.problems, self.details)
+
+
+def doit_namespace(site: Site, tasks: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     """What doit's loader reads from a dodo file. Under the lock: the config repairs state."""
     from qlimage.tasks.graph import doit_config
 
-    return {"DOIT_CONFIG": doit_config(site), **tasks}
+    return {"DOIT_CONFIG": {**doit_config(site), "reporter": reporter}, **tasks}
 
 
 @contextlib.contextmanager
@@ -51,14 +113,19 @@ def locked_if_running(site: Site, doit_args: Sequence[str], *, wait: bool) -> It
 
 
 def run_graph(site: Site, doit_args: Sequence[str] = ("run",), *, wait: bool = True) -> int:
-    """Run doit with `doit_args` on the site's graph, under the build lock when it may build."""
+    """Run doit with `doit_args` on the site's graph, under the build lock when it may build.
+    A failed task raises TaskFailures (a user error) or TaskCrashed (a bug) once doit is done."""
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
 
     tasks = planned_tasks(site)
+    reporter = Reporter(sys.stdout, {})
     with locked_if_running(site, doit_args, wait=wait):
-        loader = ModuleTaskLoader(doit_namespace(site, tasks))
-        return int(DoitMain(loader).run(list(doit_args)))
+        loader = ModuleTaskLoader(doit_namespace(site, tasks, reporter))
+        status = DoitMain(loader).run(list(doit_args))
+    reporter.raise_failures()
+    # forget, ignore and friends return None on success; doit has printed its own usage errors.
+    return 2 if status == DOIT_USAGE_ERROR else int(status or 0)
 
 
 def dodo_namespace(site: Site, doit_args: Sequence[str]) -> dict[str, Any]:
@@ -67,4 +134,4 @@ def dodo_namespace(site: Site, doit_args: Sequence[str]) -> dict[str, Any]:
     tasks = planned_tasks(site)
     lock = locked_if_running(site, doit_args, wait=True)
     lock.__enter__()  # deliberately never exited: the process end releases the flock
-    return doit_namespace(site, tasks)
+    return doit_namespace(site, tasks, Reporter(sys.stdout, {}, echo=True))

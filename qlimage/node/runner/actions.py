@@ -15,6 +15,8 @@ from .report import Reporter, append_file, create_log_dir
 
 
 def set_hostname(action: HostnameAction, run: Runner, reporter: Reporter) -> bool:
+    # The inventory names the node: actions run after the files, so this replaces whatever
+    # /etc/hostname the bundle's files held (the head refuses a Root FS tree that has one).
     write_file(paths.HOSTNAME_FILE, f"{action.name}\n".encode(), 0o644, 0, 0)
     reporter.detail(f"wrote {paths.HOSTNAME_FILE} ({action.name})")
     if find_program("hostname") is None:

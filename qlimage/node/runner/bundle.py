@@ -79,10 +79,7 @@ _ID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to chown
 
 def parse_bundle(data: bytes, sha256: str) -> Bundle:
     """Decode and validate the complete bundle; raises BundleError naming the bad field."""
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"bundle is not valid JSON: {e}") from e
+    doc = decode_json(data)
     if not isinstance(doc, dict):
         raise BundleError("bundle is not a JSON object")
     fmt = doc.get("format")
@@ -103,6 +100,34 @@ def parse_bundle(data: bytes, sha256: str) -> Bundle:
         files=entries,
         actions=tuple(parse_action(i, item) for i, item in enumerate(actions)),
     )
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two parsers may keep different ones of two equal keys; the head never writes them.
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise BundleError(f"bundle is not valid JSON: duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def refuse_constant(name: str) -> Any:
+    raise BundleError(f"bundle is not valid JSON: {name} is not a JSON number")
+
+
+def decode_json(data: bytes) -> Any:
+    """Strict JSON: a malformed, very deeply nested or ambiguous document is a BundleError,
+    never an internal error of the runner."""
+    try:
+        return json.loads(
+            data.decode("utf-8"), object_pairs_hook=unique_keys, parse_constant=refuse_constant
+        )
+    # ValueError: also an integer longer than Python converts; RecursionError: deep nesting.
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BundleError(f"bundle is not valid JSON: {e}") from e
+    except RecursionError:
+        raise BundleError("bundle is not valid JSON: nested too deeply") from None
 
 
 def require(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:

@@ -1,0 +1,92 @@
+"""The head's dnsmasq config: DHCP for registered nodes only, and the TFTP tree.
+
+DHCP answers exactly the MACs of nodes.d on the boot network, each with its address and host
+name (a static range: nothing is handed out dynamically, and unknown clients are ignored). The
+boot file follows the DHCP client architecture (option 93): BIOS gets pxelinux.0; the EFI x86-64
+tags are set but get no boot file until a UEFI loader is built.
+
+DNS is off by default (`port=0`): a head node usually runs a resolver on port 53 already, and a
+second server there would fail to start or shadow it. `[head] serve_dns = true` lets dnsmasq
+answer for node names (from the dhcp-host lines) on the head address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from qlimage import templates
+from qlimage.layout import Layout
+from qlimage.serve import values
+from qlimage.site import Site
+
+# DHCP client architectures (RFC 4578 option 93) -> dnsmasq tag; the tag names stay stable so
+# the UEFI loaders only add `dhcp-boot=tag:<tag>,<loader>` lines.
+ARCH_TAGS = (
+    (0, "bios"),  # x86 BIOS
+    (7, "efi-x86_64"),  # EFI x86-64 (byte code in early firmware)
+    (9, "efi-x86_64"),  # EFI x86-64
+)
+BOOT_FILES = {"bios": "pxelinux.0"}  # tag -> file below the TFTP root
+BOOT_TAG = "boot"  # set for clients on the boot network's range
+LEASE_TIME = "12h"
+LEASE_MAX_MIN = 1000  # dnsmasq's own default
+TFTP_MAX = 1000  # concurrent TFTP transfers (dnsmasq's default 50 is too few for a boot storm)
+LEASES = "dnsmasq.leases"
+PID = "dnsmasq.pid"
+
+
+@dataclass(frozen=True)
+class DhcpHost:
+    mac: str
+    address: str
+    hostname: str
+    name: str  # the nodes.d host, for the comment
+
+
+def dhcp_hosts(site: Site) -> list[DhcpHost]:
+    boot = site.boot_network.name
+    out = []
+    for host in site.hosts:
+        addr = host.address_on(boot)
+        assert addr is not None  # checked when the site was loaded
+        out.append(
+            DhcpHost(
+                values.mac(host.mac),
+                values.ipv4(addr.address),
+                values.hostname(addr.hostname),
+                values.hostname(host.name),
+            )
+        )
+    return out
+
+
+def render(site: Site) -> str:
+    layout = Layout(site)
+    net = site.boot_network
+    head = values.ipv4(site.head_address)
+    hosts = dhcp_hosts(site)
+    return templates.render(
+        "serve/dnsmasq.conf.j2",
+        site_name=site.name,
+        head=head,
+        serve_dns=site.serve_dns,
+        run_dir=values.config_path(layout.head_run),
+        pid=PID,
+        leases=LEASES,
+        tftp_root=values.config_path(layout.tftpboot),
+        tftp_max=TFTP_MAX,
+        network=net.name,
+        network_address=str(net.cidr.network_address),
+        netmask=str(net.cidr.netmask),
+        boot_tag=BOOT_TAG,
+        lease_time=LEASE_TIME,
+        lease_max=max(LEASE_MAX_MIN, 2 * len(hosts)),
+        router=values.ipv4(net.gateway) if net.gateway else None,
+        dns=[values.ipv4(a) for a in site.dns_servers] or [head],
+        mtu=net.mtu,
+        hosts=hosts,
+        arch_tags=ARCH_TAGS,
+        boot_files=BOOT_FILES,
+        on_boot_network=ipaddress.IPv4Address(head) in net.cidr,
+    )
