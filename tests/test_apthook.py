@@ -404,7 +404,9 @@ def test_rebuild_that_fails_keeps_the_change_pending(
     site.bootfiles.mkdir()
     site.marker.write_text("pending\n")  # but apttest, which two images need, is not in the pool
     with pytest.raises(
-        QlimageError, match=r"apt-hook rebuild: module apttest 11\S* \(bookworm\): not in the pool"
+        QlimageError,
+        match=r"apt-hook rebuild: images.d/\S+: \.modules\[1\]: "
+        r"module apttest 11\S* \(bookworm\): not in the pool",
     ):
         hook(site, "rebuild", monkeypatch=monkeypatch, capsys=capsys)
     assert site.marker.read_text() == "pending\n"

@@ -233,18 +233,17 @@ def test_build_refuses_module_deb_deleted_between_plan_and_task(
 def test_a_bug_inside_a_task_is_an_internal_error(
     built_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from qlimage.boot import pxelinux
+    from qlimage.pool import recipes
 
     def broken(*args: object) -> None:
         raise ZeroDivisionError("a bug in a task")
 
-    monkeypatch.setattr(pxelinux, "write_configs", broken)
-    edit(built_copy / "site.toml", 'append = "debug"', 'append = "debug quiet"')  # runs the task
+    monkeypatch.setattr(recipes, "build_module", broken)  # module:core runs first in a copy
     before = served_listing(built_copy)
     status, out, err = run_cli("-C", str(built_copy), "build")
     assert status == 70, (out, err)
     assert err.startswith("qlimage: internal error: ") and len(err.splitlines()) == 1, err
-    assert "pxelinux:configs" in err and "a bug in a task" in err
+    assert "module:core" in err and "a bug in a task" in err
     assert not any(noise in out + err for noise in DOIT_NOISE), out + err
     with pytest.raises(TaskCrashed):  # --debug re-raises, after the task's own traceback
         run_cli("--debug", "-C", str(built_copy), "build")
@@ -254,14 +253,13 @@ def test_a_bug_inside_a_task_is_an_internal_error(
 def test_debug_shows_the_traceback_of_a_bug_inside_a_task(
     built_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from qlimage.boot import pxelinux
     from qlimage.cli import main
+    from qlimage.pool import recipes
 
     def broken(*args: object) -> None:
         raise ZeroDivisionError("a bug in a task")
 
-    monkeypatch.setattr(pxelinux, "write_configs", broken)
-    edit(built_copy / "site.toml", 'append = "debug"', 'append = "debug quiet"')
+    monkeypatch.setattr(recipes, "build_module", broken)
     with pytest.raises(TaskCrashed):
         main(["--debug", "-C", str(built_copy), "build"])
     err = capsys.readouterr().err
@@ -416,6 +414,7 @@ def test_doit_forget_and_ignore(built_copy: Path) -> None:
 
 
 def test_doit_info_and_list(built_copy: Path) -> None:
+    qlimage("-C", str(built_copy), "build")  # the copy's state names the original's files
     info = qlimage("-C", str(built_copy), "doit", "info", "squashfs:demo")
     assert "squashfs:demo" in info.stdout and "status     : up-to-date" in info.stdout, info
     listed = qlimage("-C", str(built_copy), "doit", "list").stdout

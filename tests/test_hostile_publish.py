@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from qlimage.bundle import publish as node_files
+from qlimage.bundle.render import render_bundle
 from qlimage.errors import ConfigError, QlimageError
 from qlimage.image import publish
 from qlimage.layout import Layout
@@ -319,8 +319,8 @@ def test_rootfs_tree_may_not_replace_etc_hostname(tmp_path: Path) -> None:
     (root / "rootfs/base/etc/hostname").write_text("shared-name\n")
     site = load_site(root)
     with pytest.raises(ConfigError, match=r"rootfs/base/etc/hostname: host beo-01: a Root FS"):
-        node_files.render_node(site, site.host("beo-01"))
+        render_bundle(site, site.host("beo-01"))
     # Hosts without that tree still render, with their own name.
-    bundle = node_files.render_node(site, site.host("beo-02"))
+    bundle = render_bundle(site, site.host("beo-02"))
     hostname = next(f for f in bundle.files if f.path == "/etc/hostname")
     assert hostname.content == b"beo-02\n"

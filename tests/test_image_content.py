@@ -17,8 +17,10 @@ from helpers import qlimage, write_site
 
 pytestmark = [pytest.mark.tools]
 
-HEAD_HASH = "$6$headsalt$HEADHASHheadhashHEADHASHheadhash"
-IMAGE_HASH = "$y$j9T$imagesalt$IMAGEHASHimagehashIMAGEHASH"
+HEAD_HASH = (  # `openssl passwd -6 -salt headsalt secret`
+    "$6$headsalt$FjGaICgO2A1ZVXQm4eoYBgH.nBgK1O1jVj8GoBIS6eqL3vQbK/GQ6XfkDTGwzIwjL98yjPuL9NlE3GzNbAsd./"
+)
+IMAGE_HASH = "$y$j9T$imagesalt$IMAGEHASHimagehashIMAGEHASHimagehashIMAGEHA"
 
 
 def module(pool: Path, name: str, version: str, files: dict[str, str], packages: str) -> None:

@@ -241,6 +241,23 @@ def test_node_tree_has_only_what_is_installed() -> None:
             "init.qlustar",
             "initrd/init",
             "initrd/udhcpc.script",
+            "initrd/ql-mcast-client",
         }
         | runner
     )
+
+
+def test_multicast_client_reads_what_the_daemon_answers() -> None:
+    """ql-mcast-client speaks ql-mcastd's protocol and reaches only busybox applets through
+    `busybox` (the initrd links just the ones /init needs)."""
+    from qlimage.image import initrd
+    from qlimage.serve import mcastd
+
+    script = (INIT.parent / "ql-mcast-client").read_text()
+    assert "printf 'GET %s %s\\n'" in script
+    assert "OK) ;;" in script and "NO) shift;" in script
+    assert "[ $# -eq 5 ]" in script  # OK <group> <port> <session> <delay-ms>
+    assert "busybox nc -w" in script and "busybox timeout" in script
+    assert not re.search(r"\| *(head|tail)\b", script)  # not linked in the initrd
+    assert len("GET " + "a" * 64 + " " + "a" * 64 + "\n") <= mcastd.MAX_LINE
+    assert initrd.MCAST_CLIENT == "bin/ql-mcast-client"  # on /init's PATH

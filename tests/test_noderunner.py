@@ -1979,7 +1979,7 @@ image = "demo"
 networks.boot = "10.0.2.22"
 options.disk = { device = "/dev/disk/by-id/my disk", label = "dos", wipe = "always", partitions = [
   { size = "512MiB", fs = "swap", label = "sw" },
-  { size = "10GiB", fs = "ext4", mount = "/my scratch\\1\t2", label = "-", options = "-" },
+  { size = "10GiB", fs = "ext4", mount = "/my scratch\\1 2", label = "-", options = "-" },
   { size = "rest", fs = "xfs", mount = "/data/", label = "data_1", options = "noatime,nodiratime" },
 ] }
 """
@@ -1998,7 +1998,7 @@ options.disk = { device = "/dev/disk/by-id/my disk", label = "dos", wipe = "alwa
             "always",
             (
                 P(1, 512, "swap", label="sw"),
-                P(2, 10240, "ext4", "/my scratch\\1\t2", "-", "-"),
+                P(2, 10240, "ext4", "/my scratch\\1 2", "-", "-"),
                 P(3, None, "xfs", "/data", "data_1", "noatime,nodiratime"),
             ),
         ),

@@ -110,6 +110,7 @@ def test_kernel_command_line(site: Site) -> None:
         "qlustar.sum=demo.img.sha256",
         "qlustar.bootcfg=compute",
         "qlustar.pxecfg=0A00020F",
+        "qlustar.mcast=10.0.2.2:5000",
         "debug",
     ]
 
@@ -117,7 +118,7 @@ def test_kernel_command_line(site: Site) -> None:
 def test_kernel_command_line_appends_every_word(site: Site) -> None:
     bc = BootConfig("gpu", "demo", "  quiet   nvidia.modeset=0 ", "")
     line = pxe.kernel_command_line(site, bc, "gpu")
-    assert line.endswith(" qlustar.bootcfg=gpu qlustar.pxecfg=gpu quiet nvidia.modeset=0")
+    assert line.endswith(" qlustar.pxecfg=gpu qlustar.mcast=10.0.2.2:5000 quiet nvidia.modeset=0")
     assert "  " not in line
 
 

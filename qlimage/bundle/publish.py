@@ -1,8 +1,8 @@
 """Publishing a node's files: its bundle, the bundle's checksum and the chroot line the initrd
 reads, as one generation directory qlustar/nodes/.<mac>.<digest>/ that the link
 qlustar/nodes/<mac> switches to with one rename. So a node sees the old set or the new set,
-never a bundle with another bundle's checksum; and a node that left the inventory loses its link and its files in
-the same build (`prune_nodes`)."""
+never a bundle with another bundle's checksum; and a node that left the inventory loses its
+link and its files in the same build (`prune_nodes`)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,10 @@ from pathlib import Path
 
 from qlimage import contract
 from qlimage.atomic import TMP_PREFIX, symlink, write_bytes
-from qlimage.bundle.render import Bundle, bundle_json, render_bundle, warn_private_files
-from qlimage.errors import ConfigError
+from qlimage.bundle.render import bundle_json, render_bundle, warn_private_files
 from qlimage.image.publish import discard, fault_point, fsync_tree
 from qlimage.layout import Layout
 from qlimage.site import Host, Site
-
-HOSTNAME_PATH = "/etc/hostname"
 
 
 def targets(layout: Layout, host: Host) -> list[Path]:
@@ -42,29 +39,9 @@ def chroot_line(site: Site, host: Host) -> str:
     return contract.chroot_line(chroot.name, chroot.source) if chroot else ""
 
 
-def check_identity(site: Site, host: Host, bundle: Bundle) -> None:
-    """The inventory names the node: a Root FS tree may not replace /etc/hostname (the
-    runner's hostname action would set the inventory name anyway, so the file would lie)."""
-    for f in bundle.files:
-        if f.path == HOSTNAME_PATH and f.origin.startswith("rootfs "):
-            config = f.origin.removeprefix("rootfs ")
-            raise ConfigError(
-                [
-                    f"{site.paths.rootfs / config}{HOSTNAME_PATH}: host {host.name}: a Root FS"
-                    f" tree may not replace {HOSTNAME_PATH} (the node's name comes from nodes.d)"
-                ]
-            )
-
-
-def render_node(site: Site, host: Host) -> Bundle:
-    bundle = render_bundle(site, host)
-    check_identity(site, host, bundle)
-    return bundle
-
-
 def node_files(site: Site, host: Host) -> dict[str, bytes]:
     """{file name in the node's directory: bytes}."""
-    data = bundle_json(render_node(site, host))
+    data = bundle_json(render_bundle(site, host))
     digest = hashlib.sha256(data).hexdigest()
     return {
         contract.BUNDLE_FILE: data,

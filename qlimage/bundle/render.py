@@ -79,6 +79,7 @@ IFCFG_DIR = "/etc/sysconfig/network-scripts"
 OPENSM_SERVICE = "/lib/systemd/system/opensm.service"
 POSTCONF = "/usr/sbin/postconf"
 PAM_SSHD = "/etc/pam.d/sshd"
+HOSTNAME_PATH = "/etc/hostname"
 PAM_SLURM_LINE = "account    required     pam_slurm_adopt.so"
 
 DEBIAN = "debian"  # ifupdown: /etc/network/interfaces.d/
@@ -236,7 +237,7 @@ class _Renderer:
     def identity(self) -> None:
         host = self.host
         hostname = _render("hostname", node=host.name)
-        self.files.append(_root_file("/etc/hostname", hostname, "node"))
+        self.files.append(_root_file(HOSTNAME_PATH, hostname, "node"))
         self.actions.append({"kind": "hostname", "name": host.name})
         variables: dict[str, str] = {}
         networks: dict[str, str] = {}
@@ -695,11 +696,27 @@ def render_bundle(site: Site, host: Host) -> Bundle:
     assert len({f.path for f in r.files}) == len(r.files), "two options write the same file"
     ids = _Ids()
     layers = [r.files, *(rootfs_entries(site, c, ids) for c in host.options.get("rootfs", ()))]
-    return Bundle(
+    bundle = Bundle(
         node=host.name,
         files=tuple(layer(layers)),
         actions=tuple(MappingProxyType(a) for a in r.actions),
     )
+    check_identity(site, host, bundle)
+    return bundle
+
+
+def check_identity(site: Site, host: Host, bundle: Bundle) -> None:
+    """The inventory names the node: a Root FS tree may not replace /etc/hostname (the
+    runner's hostname action would set the inventory name anyway, so the file would lie)."""
+    for f in bundle.files:
+        if f.path == HOSTNAME_PATH and f.origin.startswith("rootfs "):
+            config = f.origin.removeprefix("rootfs ")
+            raise ConfigError(
+                [
+                    f"{site.paths.rootfs / config}{HOSTNAME_PATH}: host {host.name}: a Root FS"
+                    f" tree may not replace {HOSTNAME_PATH} (the node's name comes from nodes.d)"
+                ]
+            )
 
 
 # --------------------------------------------------------------------------------------------

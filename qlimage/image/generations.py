@@ -31,6 +31,7 @@ def build_boot(site: Site, gen: Path) -> list[Path]:
     busybox_deb = fetch_package(site, "busybox-static")
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=layout.bootfiles) as tmp:
         run(["dpkg-deb", "-x", busybox_deb, tmp])
+        mcast = extract_multicast_debs(site, Path(tmp, "mcast"))
         initrd.build_initrd(
             initrd_img,
             busybox=Path(tmp, "bin/busybox"),
@@ -38,10 +39,26 @@ def build_boot(site: Site, gen: Path) -> list[Path]:
             kver=k.kver,
             modules=site.initrd_modules,
             epoch=site.source_date_epoch,
+            multicast=mcast,
+            arch=site.archive.arch,
         )
     shutil.copyfile(k.vmlinuz, vmlinuz)
     os.chmod(vmlinuz, 0o644)
     return [vmlinuz, initrd_img]
+
+
+# What the initrd's multicast client runs (udp-receiver) and links, from the archive.
+MCAST_PACKAGES = ("udpcast", "libc6")
+
+
+def extract_multicast_debs(site: Site, into: Path) -> Path:
+    """udpcast and libc6 from the site's archive, extracted into `into` for the initrd."""
+    from qlimage.pool.mirror import fetch_package
+
+    into.mkdir()
+    for name in MCAST_PACKAGES:
+        run(["dpkg-deb", "-x", fetch_package(site, name), into])
+    return into
 
 
 def publish_image(site: Site, image: Image, resolved: str) -> None:

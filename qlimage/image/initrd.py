@@ -6,6 +6,7 @@ one initrd per kernel serves every image of the site.
 
 from __future__ import annotations
 
+import hashlib
 import lzma
 import os
 import shutil
@@ -107,8 +108,20 @@ def copy_module(src: Path, dst: Path) -> Path:
     return dst
 
 
+# Every node-side script of qlimage/node/initrd that goes into the initrd.
+NODE_SCRIPTS = ("init", "udhcpc.script", "ql-mcast-client")
+
+
 def data_file(name: str) -> bytes:
     return resources.files("qlimage.node").joinpath(f"initrd/{name}").read_bytes()
+
+
+def scripts_digest() -> str:
+    """The node-side scripts baked into the initrd: a change to any of them rebuilds it."""
+    h = hashlib.sha256()
+    for name in NODE_SCRIPTS:
+        h.update(name.encode() + b"\0" + data_file(name) + b"\0")
+    return h.hexdigest()
 
 
 def populate_initrd(
@@ -183,6 +196,8 @@ def build_initrd(
     modules: Iterable[str],
     epoch: int,
     extra: Mapping[str, bytes] | None = None,
+    multicast: Path | None = None,
+    arch: str = "amd64",
 ) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "initrd.", dir=output.parent) as tmp:
@@ -195,5 +210,66 @@ def build_initrd(
         for rel, data in (extra or {}).items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
+        if multicast is not None:
+            add_multicast_client(root, multicast, arch)
         normalize_modes(root)
         make_cpio(root, output, epoch)
+
+
+# The multicast client: ql-mcast-client (busybox sh) runs udp-receiver (Debian's udpcast), which
+# needs its libraries and the dynamic loader from Debian's libc6 -- the archive's, never the
+# head's, so that the initrd's bytes follow the archive alone. Per Debian architecture: the
+# multiarch library directory, the loader path the binary names (its ELF interpreter) and the
+# libraries it links (`ldd udp-receiver`); tests run it chrooted in the initrd, so a library
+# missing here fails there.
+MCAST_CLIENT = "bin/ql-mcast-client"
+UDP_RECEIVER = "usr/bin/udp-receiver"
+MCAST_ARCHES = {
+    "amd64": (
+        "lib/x86_64-linux-gnu",
+        "lib64/ld-linux-x86-64.so.2",
+        ("ld-linux-x86-64.so.2", "libc.so.6", "libdl.so.2", "libpthread.so.0"),
+    ),
+}
+
+
+def multicast_files(arch: str) -> list[str]:
+    """Every file add_multicast_client puts in the initrd, relative to its root."""
+    libdir, loader, libs = mcast_arch(arch)
+    return [MCAST_CLIENT, UDP_RECEIVER, loader, *(f"{libdir}/{lib}" for lib in libs)]
+
+
+def mcast_arch(arch: str) -> tuple[str, str, tuple[str, ...]]:
+    if arch not in MCAST_ARCHES:
+        raise BuildError(
+            f"the initrd's multicast client is not packaged for architecture {arch!r}",
+            hint=f"supported: {', '.join(MCAST_ARCHES)}",
+        )
+    return MCAST_ARCHES[arch]
+
+
+def copy_executable(src: Path, dst: Path) -> None:
+    """A regular file of the extracted packages: a link could lead out of their tree."""
+    if src.is_symlink() or not src.is_file():
+        raise BuildError(f"{src}: expected a regular file in the extracted package")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o755)
+
+
+def add_multicast_client(root: Path, debs: Path, arch: str) -> None:
+    """ql-mcast-client, udp-receiver, its libraries and the loader, from `debs` (udpcast and
+    libc6 extracted there with dpkg-deb -x)."""
+    libdir, loader, libs = mcast_arch(arch)
+    client = root / MCAST_CLIENT
+    client.parent.mkdir(parents=True, exist_ok=True)
+    client.write_bytes(data_file("ql-mcast-client"))
+    os.chmod(client, 0o755)
+    copy_executable(debs / UDP_RECEIVER, root / UDP_RECEIVER)
+    for lib in libs:
+        copy_executable(debs / libdir / lib, root / libdir / lib)
+    link = root / loader
+    link.parent.mkdir(parents=True, exist_ok=True)
+    target = root / libdir / Path(loader).name
+    if link != target:
+        os.symlink(os.path.relpath(target, link.parent), link)

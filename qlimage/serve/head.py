@@ -11,6 +11,7 @@ import errno
 import hashlib
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -21,7 +22,7 @@ from qlimage import run
 from qlimage.atomic import write_text
 from qlimage.errors import QlimageError
 from qlimage.layout import Layout
-from qlimage.serve import dnsmasq, nginx
+from qlimage.serve import dnsmasq, mcastd, nginx
 from qlimage.site import Site
 
 POLL = 0.2  # seconds between checks that both daemons still run
@@ -31,7 +32,11 @@ CHECK_TIMEOUT = 60.0
 def configs(site: Site) -> dict[Path, str]:
     """{config file: its text} for every head service."""
     layout = Layout(site)
-    return {layout.dnsmasq_conf: dnsmasq.render(site), layout.nginx_conf: nginx.render(site)}
+    return {
+        layout.dnsmasq_conf: dnsmasq.render(site),
+        layout.nginx_conf: nginx.render(site),
+        mcastd.config_path(site): mcastd.render(site),
+    }
 
 
 def digest(rendered: dict[Path, str]) -> str:
@@ -81,6 +86,11 @@ def nginx_args(layout: Layout) -> list[str]:
         "-e",
         str(layout.head_run / nginx.ERROR_LOG),
     ]
+
+
+def mcastd_args(site: Site) -> list[str]:
+    # Our own interpreter, not the console script: `qlimage` may run from a venv not on PATH.
+    return [sys.executable, "-m", "qlimage.serve.mcastd", "--config", str(mcastd.config_path(site))]
 
 
 def check(site: Site) -> list[str]:
@@ -144,6 +154,8 @@ def serve(
                 ),
                 "nginx": stack.enter_context(run.spawn([*nginx_args(layout), "-g", "daemon off;"])),
             }
+            if site.multicast.enabled:
+                daemons["ql-mcastd"] = stack.enter_context(run.spawn(mcastd_args(site)))
             if ready is not None:
                 ready()
             while until is None or not until():

@@ -8,7 +8,6 @@ gets exactly the settings a task reads. So doit rebuilds what changed and nothin
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -199,14 +198,6 @@ def guarded(action: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def package_data_digest() -> str:
-    """The node-side scripts baked into the initrd: a change to them rebuilds it."""
-    h = hashlib.sha256()
-    for name in ("init", "udhcpc.script"):
-        h.update(initrd.data_file(name))
-    return h.hexdigest()
-
-
 def group(basename: str, doc: str) -> Task:
     """The entry `doit list` shows for a group of sub-tasks."""
     return {"basename": basename, "name": None, "doc": doc}
@@ -257,7 +248,7 @@ def task_initrd(site: Site) -> Task:
             config_changed(
                 {
                     "modules": list(site.initrd_modules),
-                    "scripts": package_data_digest(),
+                    "scripts": initrd.scripts_digest(),
                     "epoch": site.source_date_epoch,
                 }
             )
