@@ -24,12 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers import write_site  # noqa: E402
-
 from qlimage import contract  # noqa: E402
 from qlimage.layout import Layout  # noqa: E402
 from qlimage.serve import head  # noqa: E402
 from qlimage.site import load_site  # noqa: E402
+
+from helpers import write_site  # noqa: E402
 
 HEAD = "10.0.2.2"  # the test site's head address
 CLIENT = REPO / "qlimage/node/initrd/ql-mcast-client"
