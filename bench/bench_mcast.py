@@ -57,8 +57,25 @@ def make_bed(tag: str, n: int, rate: str) -> tuple[str, list[str]]:
     sh("ip", "-n", hns, "addr", "add", f"{HEAD}/24", "brd", "+", "dev", "br0")
     sh("ip", "-n", hns, "link", "set", "br0", "up")
     sh("ip", "-n", hns, "route", "add", "224.0.0.0/4", "dev", "br0")
-    sh("ip", "netns", "exec", hns, "tc", "qdisc", "add", "dev", "br0", "root", "tbf",
-       "rate", rate, "burst", "1mb", "latency", "100ms")  # fmt: skip
+    sh(
+        "ip",
+        "netns",
+        "exec",
+        hns,
+        "tc",
+        "qdisc",
+        "add",
+        "dev",
+        "br0",
+        "root",
+        "tbf",
+        "rate",
+        rate,
+        "burst",
+        "1mb",
+        "latency",
+        "100ms",
+    )
     for i, ns in enumerate(nodes):
         sh("ip", "netns", "add", ns)
         veth = f"qlb{tag}{i}"
@@ -74,9 +91,9 @@ def run_all(cmds: list[list[str]]) -> float:
     start = time.monotonic()
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in cmds]
     for p in procs:
-        _, err = p.communicate(timeout=LIMIT)
+        out, _ = p.communicate(timeout=LIMIT)
         if p.returncode != 0:
-            raise SystemExit(f"a receiver failed: {' '.join(p.args)}: {_.decode()[-300:]}")
+            raise SystemExit(f"a receiver failed: {' '.join(p.args)}: {out.decode()[-300:]}")
     return time.monotonic() - start
 
 
@@ -92,8 +109,10 @@ def main() -> None:
         os.chmod(tmp, 0o755)  # nginx workers (www-data) read the image
         root = write_site(Path(tmp, "site"))
         toml = root / "site.toml"
-        toml.write_text(toml.read_text().replace("[head]\n", '[head]\nadmin_networks = ["10.0.2.0/24"]\n', 1)
-                        + f'\n[multicast]\nwindow = 2\nmax_bitrate = "{args.bitrate}"\n')  # fmt: skip
+        toml.write_text(
+            toml.read_text().replace("[head]\n", '[head]\nadmin_networks = ["10.0.2.0/24"]\n', 1)
+            + f'\n[multicast]\nwindow = 2\nmax_bitrate = "{args.bitrate}"\n'
+        )
         site = load_site(root)
         layout = Layout(site)
         head.write_configs(head.configs(site))
@@ -116,20 +135,49 @@ def main() -> None:
                 ["ip", "netns", "exec", hns, *head.nginx_args(layout), "-g", "daemon off;"]
             )
             mcastd = subprocess.Popen(
-                ["ip", "netns", "exec", hns, sys.executable, "-m", "qlimage.serve.mcastd",
-                 "--config", str(layout.head / "mcastd.json")], stderr=open(Path(tmp, "mcastd.log"), "w"),
-            )  # fmt: skip
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    hns,
+                    sys.executable,
+                    "-m",
+                    "qlimage.serve.mcastd",
+                    "--config",
+                    str(layout.head / "mcastd.json"),
+                ],
+                stderr=open(Path(tmp, "mcastd.log"), "w"),  # noqa: SIM115 (the daemon's log)
+            )
             time.sleep(1.5)
             rows = []
             for n in counts:
                 before = tx_bytes(hns)
-                t_m = run_all([["ip", "netns", "exec", ns, "/bin/busybox", "sh", str(CLIENT),
-                                f"{HEAD}:5000", "demo", GEN, str(out / f"m{i}")]
-                               for i, ns in enumerate(nodes[:n])])  # fmt: skip
+                t_m = run_all(
+                    [
+                        [
+                            "ip",
+                            "netns",
+                            "exec",
+                            ns,
+                            "/bin/busybox",
+                            "sh",
+                            str(CLIENT),
+                            f"{HEAD}:5000",
+                            "demo",
+                            GEN,
+                            str(out / f"m{i}"),
+                        ]
+                        for i, ns in enumerate(nodes[:n])
+                    ]
+                )
                 b_m = tx_bytes(hns) - before
                 before = tx_bytes(hns)
-                t_h = run_all([["ip", "netns", "exec", ns, "curl", "-sf", "-o", str(out / f"h{i}"), url]
-                               for i, ns in enumerate(nodes[:n])])  # fmt: skip
+                t_h = run_all(
+                    [
+                        ["ip", "netns", "exec", ns, "curl", "-sf", "-o", str(out / f"h{i}"), url]
+                        for i, ns in enumerate(nodes[:n])
+                    ]
+                )
                 b_h = tx_bytes(hns) - before
                 rows.append((n, t_m, b_m, t_h, b_h))
                 for f in out.iterdir():
@@ -142,14 +190,18 @@ def main() -> None:
             for ns in [hns, *nodes]:
                 subprocess.run(["ip", "netns", "del", ns], check=False)
     t1m, t1h = rows[0][1], rows[0][3]
-    print(f"image {args.size_mb} MB, head link {args.rate}, udp-sender --max-bitrate {args.bitrate}, "
-          "multicast join window 2 s (included in its time)")  # fmt: skip
     print(
-        f"{'N':>3} | {'mcast s':>8} {'T/T1':>5} {'head MB':>8} | {'http s':>7} {'T/T1':>5} {'head MB':>8}"
+        f"image {args.size_mb} MB, head link {args.rate}, udp-sender --max-bitrate {args.bitrate}, "
+        "multicast join window 2 s (included in its time)"
+    )
+    print(
+        f"{'N':>3} | {'mcast s':>8} {'T/T1':>5} {'head MB':>8} | "
+        f"{'http s':>7} {'T/T1':>5} {'head MB':>8}"
     )
     for n, t_m, b_m, t_h, b_h in rows:
         print(
-            f"{n:>3} | {t_m:8.2f} {t_m / t1m:5.2f} {b_m / 1e6:8.1f} | {t_h:7.2f} {t_h / t1h:5.2f} {b_h / 1e6:8.1f}"
+            f"{n:>3} | {t_m:8.2f} {t_m / t1m:5.2f} {b_m / 1e6:8.1f} | "
+            f"{t_h:7.2f} {t_h / t1h:5.2f} {b_h / 1e6:8.1f}"
         )
     print("\nql-mcastd sessions:")
     print("\n".join(line for line in log.splitlines() if " session " in line))

@@ -60,6 +60,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = parse(argv)
     try:
+        # A verb may answer before the site is loaded (`build` with nothing to do).
+        before = getattr(args, "before_site", None)
+        if before is not None and (early := before(args)) is not None:
+            sys.exit(early)
         site = load_site(args.site)
         status = args.func(site, args)
     except QlimageError as e:

@@ -4,6 +4,9 @@ No other module spells a path below bootfiles/; the names a node fetches come fr
 `qlimage.contract`, so the map and the node cannot disagree.
 
     tftpboot/                        pxelinux.0, ldlinux.c32; links pxelinux.cfg and qlustar
+    tftpboot/bootx64.efi, grubx64.efi  UEFI: Debian-signed shim and GRUB network image
+    tftpboot/grub/                   grub.cfg (default), grub.cfg-01-<mac> per host
+    tftpboot/boot.ipxe, ipxe/        iPXE: dispatch script, <mac>.ipxe per host
     pxelinux.cfg/                    default, one file per boot config, HOSTID links, .hosts
     qlustar/boot/<gen>/              vmlinuz + initrd.img; `current` link and `history`
     qlustar/images/<image>/<gen>/    <image>.img, .sha256, modules.json; `current`, `history`
@@ -20,6 +23,7 @@ No other module spells a path below bootfiles/; the names a node fetches come fr
     .pool-control.json               control data of the pool's .debs (pool cache)
     .doit-state.json                 doit's dependency state
     .apt-hook-pending                the apt hook changed the pool; images not rebuilt yet
+    .build-stamp.json                what the last full build read: a no-op build stops here
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ VALIDATION_CACHE = ".validated.json"
 POOL_CACHE = ".pool-control.json"
 DOIT_STATE = ".doit-state.json"
 APT_HOOK_MARKER = ".apt-hook-pending"
+BUILD_STAMP = ".build-stamp.json"
 KERNEL_INFO = "kernel.json"
 
 
@@ -50,6 +55,8 @@ class Layout:
         self.bootfiles = b
         self.tftpboot = b / "tftpboot"
         self.pxelinux_cfg = b / "pxelinux.cfg"
+        self.grub_dir = self.tftpboot / "grub"  # GRUB's prefix: (tftp,<head>)/grub
+        self.ipxe_dir = self.tftpboot / "ipxe"  # <mac>.ipxe, chained from boot.ipxe
         self.qlustar = b / contract.QLUSTAR_DIR
         self.kernel_dir = b / "kernel"
         self.kernel_info = self.kernel_dir / KERNEL_INFO
@@ -64,6 +71,7 @@ class Layout:
         self.pool_cache = b / POOL_CACHE
         self.doit_state = b / DOIT_STATE
         self.apt_hook_marker = b / APT_HOOK_MARKER
+        self.build_stamp = b / BUILD_STAMP
         self.head = b / "head"
         self.dnsmasq_conf = self.head / "dnsmasq.conf"
         self.nginx_conf = self.head / "nginx.conf"

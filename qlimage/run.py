@@ -19,8 +19,9 @@ import shlex
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -268,17 +269,23 @@ def run(
     stdout: Stream = None,
     stderr: Stream = PIPE,
     umask: int = -1,
+    on_stdout: Callable[[bytes], object] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `cmd` (never through a shell) to its end and return its status and output.
+
+    With `on_stdout`, the child's stdout is handed to it chunk by chunk as it comes (a tool's
+    progress bar) and not returned; no `timeout` and no `input` then.
 
     stdin is `input` (else /dev/null); stdout is returned with `capture`, else goes to `stdout`
     (default: ours); stderr is captured for the error message unless `stderr` sends it
     elsewhere. With `check`, a non-zero status raises BuildError. After `timeout` seconds the
     command and its process group are killed and CommandTimeout (a BuildError) is raised.
     """
-    if capture:
+    if capture or on_stdout:
         if stdout is not None:
-            raise ValueError("capture and stdout are exclusive")
+            raise ValueError("capture or on_stdout and stdout are exclusive")
+        if on_stdout and (timeout is not None or input is not None):
+            raise ValueError("on_stdout takes no timeout and no input")
         stdout = PIPE
     argv = resolve(cmd)
     with spawn(
@@ -292,7 +299,10 @@ def run(
         umask=umask,
     ) as proc:
         try:
-            out, err = proc.communicate(input, timeout=timeout)
+            if on_stdout:
+                out, err = None, stream_stdout(proc, on_stdout)
+            else:
+                out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
             stop(proc)
             err = None
@@ -305,3 +315,20 @@ def run(
     if check and proc.returncode != 0:
         raise BuildError(failure_message(argv, proc.returncode, err))
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def stream_stdout(proc: subprocess.Popen[bytes], on_stdout: Callable[[bytes], object]) -> bytes:
+    """Hand the child's stdout to `on_stdout` as it comes; its stderr is read meanwhile (by a
+    thread, so that neither pipe can fill and stall the child) and returned. If `on_stdout`
+    raises, `spawn` stops the child, which ends the thread."""
+    err: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: err.append(proc.stderr.read() if proc.stderr else b""), daemon=True
+    )
+    reader.start()
+    if proc.stdout is not None:
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            on_stdout(chunk)
+    reader.join()
+    proc.wait()
+    return err[0] if err else b""

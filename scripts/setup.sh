@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 PACKAGES="python3 python3-venv squashfs-tools cpio dpkg-dev kmod gzip xz-utils zstd
   pxelinux syslinux-common syslinux-utils qemu-system-x86 ipxe-qemu gpgv debian-archive-keyring
   dnsmasq-base udpcast systemd ifupdown openssh-client diffoscope-minimal fdisk e2fsprogs
-  xfsprogs util-linux mount nfs-ganesha nfs-ganesha-vfs busybox-static nginx"
+  xfsprogs util-linux mount nfs-ganesha nfs-ganesha-vfs busybox-static nginx
+  sssd-tools sssd-common chrony
+  ovmf sbsigntool grub-common"
 
 missing=""
 for p in $PACKAGES; do
@@ -33,12 +35,15 @@ if [ -n "$missing" ]; then
         rm -f "$policy"
         trap - EXIT
     fi
-    # ... nor at the next boot (only an nginx we just installed: never the admin's own).
-    case " $missing " in *" nginx "*)
-        if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-            systemctl disable --now nginx.service >/dev/null 2>&1 || true
-        fi
-    esac
+    # ... nor at the next boot (only a daemon we just installed: never the admin's own). chrony
+    # is here for `chronyd -p`, which parses the generated time configuration.
+    for unit in nginx chrony; do
+        case " $missing " in *" $unit "*)
+            if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+                systemctl disable --now "$unit.service" >/dev/null 2>&1 || true
+            fi
+        esac
+    done
 fi
 
 PY=${PYTHON:-python3}

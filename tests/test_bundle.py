@@ -97,7 +97,14 @@ def test_host_without_options_gets_identity_only(site_root: Path) -> None:
     extra += 'networks.boot = "10.0.2.21"\n'
     site = load_site(make_site(site_root.parent / "other", extra_hosts=extra))
     b = render(site, "beo-07")
-    assert [f.path for f in b.files] == ["/etc/hostname", "/etc/qlustar/options.d/node"]
+    # ... and the time option, on for every node (test_options_time_sssd_nis.py).
+    assert [f.path for f in b.files] == [
+        qb.CHRONY_CONF,
+        "/etc/hostname",
+        "/etc/qlustar/options.d/node",
+        "/etc/qlustar/options.d/time",
+        qb.TIMESYNCD_CONF,
+    ]
     assert b.actions == ({"kind": "hostname", "name": "beo-07"},)
 
 
@@ -275,7 +282,7 @@ options.network = { interfaces = [{ device = "eth0", network = "boot" }] }
         "knows no network configuration format (known flavors: alma8, alma9, bionic, bookworm,"
     )
     # Without a network option the flavor does not matter.
-    assert [f.path for f in render(site, "beo-06").files] == [
+    assert [f.path for f in render(site, "beo-06").files if "time" not in f.origin] == [
         "/etc/hostname",
         "/etc/qlustar/options.d/node",
     ]
@@ -704,7 +711,22 @@ def test_goldens_cover_every_template(site: Site) -> None:
         "mail": "/etc/qlustar/options.d/mail",
         "pam-slurm": "/etc/qlustar/options.d/pam-slurm",
         "authorized_keys": "/root/.ssh/authorized_keys",
+        "time": "/etc/qlustar/options.d/time",
+        "chrony": "/etc/chrony/conf.d/qlustar.conf",
+        "timesyncd": "/etc/systemd/timesyncd.conf.d/qlustar.conf",
+        "sssd": "/etc/sssd/sssd.conf",
+        "nsswitch": "/etc/nsswitch.conf",
+        "yp": "/etc/yp.conf",
+        "defaultdomain": "/etc/defaultdomain",
     }
+    # sssd and nis: the goldens of test_options_time_sssd_nis.py.
+    from test_options_time_sssd_nis import OPTIONS_HOSTS_TOML
+
+    extra = load_site(
+        make_site(Path(site.paths.root).parent / "options", extra_hosts=OPTIONS_HOSTS_TOML)
+    )
+    for f in render(extra, "beo-09").files:
+        used.add(f.path)
     templates = Path(qb.__file__).parent / "templates"
     assert sorted(p.name for p in templates.iterdir()) == sorted(f"{k}.j2" for k in kinds)
     assert set(kinds.values()) <= used

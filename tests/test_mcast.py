@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 import uuid
@@ -342,8 +341,6 @@ HEAD = "10.78.0.1"
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Bed]:
-    if os.geteuid() != 0 or not shutil.which("udp-sender"):
-        pytest.skip("needs root and udpcast")
     tag = uuid.uuid4().hex[:6]
     b = Bed(f"qlm-{tag}-h", [f"qlm-{tag}-{i}" for i in range(NODES)])
     try:

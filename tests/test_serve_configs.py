@@ -134,7 +134,7 @@ def test_dnsmasq_boot_file_by_client_architecture(site: Site) -> None:
     assert "dhcp-match=set:efi-x86_64,option:client-arch,7" in lines
     assert "dhcp-match=set:efi-x86_64,option:client-arch,9" in lines
     boots = [line for line in lines if line.startswith("dhcp-boot=")]
-    assert boots == ["dhcp-boot=tag:bios,pxelinux.0"]  # no UEFI loader yet
+    assert boots == ["dhcp-boot=tag:bios,pxelinux.0", "dhcp-boot=tag:efi-x86_64,bootx64.efi"]
 
 
 def test_dnsmasq_tftp_rooted_at_the_tftp_tree(site: Site) -> None:

@@ -80,8 +80,7 @@ def wait_http(bed: Bed) -> None:
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Bed]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+    assert os.geteuid() == 0, "network namespaces need root (CI and scripts/test.sh run as root)"
     # Below a world-traversable directory: nginx and dnsmasq drop root to read what they serve.
     top = Path(tempfile.mkdtemp(prefix="qlimage-serve-", dir="/tmp"))
     os.chmod(top, 0o755)

@@ -24,7 +24,16 @@ What a bundle holds, per option kind of the host's effective options (`Host.opti
   order, with the mode, owner and group it has on the head;
 * `mail`: `/etc/qlustar/options.d/mail` and a `command` action running `postconf`;
 * `pam_slurm`: `/etc/qlustar/options.d/pam-slurm` and an `ensure-line` action for
-  /etc/pam.d/sshd.
+  /etc/pam.d/sshd;
+* `time` (on for every node unless `enabled = false`; servers default to the head's address):
+  `/etc/qlustar/options.d/time` (read by the runner, which sets the clock from it before it
+  writes anything), `/etc/chrony/conf.d/qlustar.conf` and
+  `/etc/systemd/timesyncd.conf.d/qlustar.conf` (both always: each is read only by its own
+  daemon, so the bundle does not depend on which one the image carries);
+* `sssd`: `/etc/sssd/sssd.conf` (0600), the `sssd.service` wants link, `/etc/nsswitch.conf`
+  and `command` actions running pam-auth-update (when the image has the sss profile);
+* `nis`: `/etc/defaultdomain`, `/etc/yp.conf` and `/etc/nsswitch.conf`. With both sssd and
+  nis, nsswitch.conf lists `files sss nis` (sssd before NIS, always).
 
 Layering: the generated files form the first layer, then each rootfs config in the host's
 order; an entry of a later layer replaces the entry of the same path, and a non-directory
@@ -34,7 +43,7 @@ entries: the runner creates missing parents as 0755 root:root.
 
 Order of `files`: sorted by path, component by component (so a directory always precedes its
 contents), independent of the option or layer an entry came from. Order of `actions`:
-hostname, ipmi, mail's command, pam_slurm's ensure-line.
+hostname, ipmi, mail's command, pam_slurm's ensure-line, sssd's commands.
 
 Action kinds and their fields (all fields present unless noted):
   {"kind": "hostname", "name"}
@@ -81,6 +90,20 @@ POSTCONF = "/usr/sbin/postconf"
 PAM_SSHD = "/etc/pam.d/sshd"
 HOSTNAME_PATH = "/etc/hostname"
 PAM_SLURM_LINE = "account    required     pam_slurm_adopt.so"
+TIME_OPTION = "time"  # options.d file the runner reads (node/runner/paths.py: TIME_FILE)
+CHRONY_CONF = "/etc/chrony/conf.d/qlustar.conf"
+TIMESYNCD_CONF = "/etc/systemd/timesyncd.conf.d/qlustar.conf"
+SSSD_CONF = "/etc/sssd/sssd.conf"
+SSSD_SERVICE = "/lib/systemd/system/sssd.service"
+NSSWITCH_CONF = "/etc/nsswitch.conf"
+PAM_AUTH_UPDATE = "/usr/sbin/pam-auth-update"
+PAM_CONFIGS = "/usr/share/pam-configs"
+YP_CONF = "/etc/yp.conf"
+DEFAULTDOMAIN = "/etc/defaultdomain"
+# Name services after `files` in nsswitch.conf, in this fixed order (sssd before NIS).
+NSS_SOURCES = (("sssd", "sss"), ("nis", "nis"))
+# Options every node has unless its own options set them (kind -> value).
+DEFAULT_OPTIONS: Mapping[str, Any] = MappingProxyType({"time": MappingProxyType({})})
 
 DEBIAN = "debian"  # ifupdown: /etc/network/interfaces.d/
 RHEL = "rhel"  # initscripts / NetworkManager ifcfg-rh: /etc/sysconfig/network-scripts/
@@ -210,13 +233,13 @@ class _Renderer:
         self.actions: list[dict[str, Any]] = []
 
     def problem(self, kind: str, message: str) -> ConfigError:
-        source = self.host.option_sources.get(kind, "?")
+        source = self.host.option_sources.get(kind, "default")
         return ConfigError(
             [f"{self.host.source}: host {self.host.name}: {kind} (from {source}): {message}"]
         )
 
     def origin(self, kind: str) -> str:
-        return f"{kind} ({self.host.option_sources.get(kind, '?')})"
+        return f"{kind} ({self.host.option_sources.get(kind, 'default')})"
 
     def context(self, kind: str) -> dict[str, Any]:
         """What every template gets: the node name and where the option came from."""
@@ -452,9 +475,77 @@ class _Renderer:
         if option:
             self.actions.append({"kind": "ensure-line", "path": PAM_SSHD, "line": PAM_SLURM_LINE})
 
+    # --- time, sssd, nis ---
+
+    def time(self, option: Mapping[str, Any]) -> None:
+        if not option.get("enabled", True):
+            return
+        # The head's address is the default server: `qlimage serve` runs no NTP server, the
+        # head runs chrony (README, Options of a node).
+        servers = list(option.get("servers", [self.site.head_address]))
+        sync = option.get("sync_at_boot", True)
+        self.option_file(TIME_OPTION, "time", servers=servers, sync_at_boot=sync)
+        for path, template in ((CHRONY_CONF, "chrony"), (TIMESYNCD_CONF, "timesyncd")):
+            text = _render(template, **self.context("time"), servers=servers)
+            self.files.append(_root_file(path, text, self.origin("time")))
+
+    def sssd(self, option: Mapping[str, Any]) -> None:
+        origin = self.origin("sssd")
+        uris = list(option["uris"])
+        context = {
+            **self.context("sssd"),
+            "provider": option.get("provider", "ldap"),
+            "domain": option["domain"],
+            "uris": uris,
+            "all_ldaps": all(u.startswith("ldaps://") for u in uris),
+            "search_base": option["search_base"],
+            "tls_cacert": option.get("tls_cacert", ""),
+            "bind_dn": option.get("bind_dn", ""),
+            "access_filter": option.get("access_filter", ""),
+        }
+        # sssd refuses to start with a configuration readable by others.
+        self.files.append(_root_file(SSSD_CONF, _render("sssd", **context), origin, 0o600))
+        link = f"{UNIT_DIR}/multi-user.target.wants/sssd.service"
+        self.files.append(_root_link(link, SSSD_SERVICE, origin))
+        self.nsswitch()
+        profiles = ["sss", "mkhomedir"] if option.get("mkhomedir") else ["sss"]
+        for profile in profiles:
+            self.actions.append(
+                {
+                    "kind": "command",
+                    "argv": [PAM_AUTH_UPDATE, "--enable", profile],
+                    "description": f"PAM profile {profile}",
+                    "if_exists": f"{PAM_CONFIGS}/{profile}",
+                }
+            )
+
+    def nis(self, option: Mapping[str, Any]) -> None:
+        origin = self.origin("nis")
+        context = {**self.context("nis"), "domain": option["domain"]}
+        self.files.append(_root_file(DEFAULTDOMAIN, _render("defaultdomain", **context), origin))
+        text = _render("yp", **context, servers=list(option["servers"]))
+        self.files.append(_root_file(YP_CONF, text, origin))
+        self.nsswitch()
+
+    def nsswitch(self) -> None:
+        """/etc/nsswitch.conf for every name service option the host has; rendered again
+        (replacing the earlier one) by each such option, so the last one sees them all."""
+        kinds = [(kind, nss) for kind, nss in NSS_SOURCES if kind in self.host.options]
+        source = " + ".join(self.origin(kind) for kind, _ in kinds)
+        text = _render(
+            "nsswitch",
+            node=self.host.name,
+            kind="nsswitch",
+            source=source,
+            sources=[nss for _, nss in kinds],
+        )
+        self.files = [f for f in self.files if f.path != NSSWITCH_CONF]
+        self.files.append(_root_file(NSSWITCH_CONF, text, source))
+
 
 # Option kinds rendered into the first layer, in this order (the order actions are added in).
 OPTION_KINDS = (
+    "time",
     "network",
     "disk",
     "mounts",
@@ -464,6 +555,8 @@ OPTION_KINDS = (
     "authorized_keys",
     "mail",
     "pam_slurm",
+    "sssd",
+    "nis",
 )
 
 
@@ -691,8 +784,8 @@ def render_bundle(site: Site, host: Host) -> Bundle:
     r = _Renderer(site, host)
     r.identity()
     for kind in OPTION_KINDS:
-        if kind in host.options:
-            getattr(r, kind)(host.options[kind])
+        if kind in host.options or kind in DEFAULT_OPTIONS:
+            getattr(r, kind)(host.options.get(kind, DEFAULT_OPTIONS.get(kind)))
     assert len({f.path for f in r.files}) == len(r.files), "two options write the same file"
     ids = _Ids()
     layers = [r.files, *(rootfs_entries(site, c, ids) for c in host.options.get("rootfs", ()))]
@@ -825,6 +918,7 @@ def bundle_inputs(site: Site, host: Host) -> str:
             "option_sources": host.option_sources,
         },
         "image": {"name": image.name, "flavor": image.flavor},
+        "head": site.head_address,  # the default time server
         "networks": networks,
         "rootfs": {c: _rootfs_manifest(site, c, ids) for c in host.options.get("rootfs", ())},
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qlimage.errors import ConfigError
 from qlimage.site import Site
 
 
@@ -14,6 +15,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--timeout", type=float, default=240.0, help="seconds (default 240)")
     s.add_argument("--memory", type=int, default=1024, help="MiB of guest memory")
     s.add_argument("--quiet", action="store_true", help="print the console only on failure")
+    s.add_argument(
+        "--uefi",
+        action="store_true",
+        help="boot with OVMF through shim and GRUB (grubx64.efi, grub/) instead of pxelinux",
+    )
+    s.add_argument(
+        "--ipxe",
+        action="store_true",
+        help="BIOS with the NIC's iPXE running boot.ipxe (kernel and initrd over HTTP)",
+    )
+    s.add_argument(
+        "--secure-boot",
+        action="store_true",
+        help="with --uefi: Secure Boot on, Microsoft's keys enrolled",
+    )
     s.set_defaults(func=run)
 
 
@@ -24,17 +40,24 @@ def show(line: str) -> None:
 def run(site: Site, args: argparse.Namespace) -> int:
     from qlimage.serve import vm
 
+    if args.secure_boot and not args.uefi:
+        raise ConfigError(["qlimage vm: --secure-boot needs --uefi"])
+    if args.ipxe and args.uefi:
+        raise ConfigError(["qlimage vm: --ipxe and --uefi exclude each other"])
+    firmware = "uefi-secure-boot" if args.secure_boot else "uefi" if args.uefi else "bios"
+    firmware = "ipxe" if args.ipxe else firmware
     result = vm.boot(
         site,
         args.node,
         timeout=args.timeout,
         memory=args.memory,
         on_line=None if args.quiet else show,
+        firmware=firmware,
     )
     verdict = "ok" if result.ok else "FAILED"
     print(
         f"qlimage vm {args.node}: {verdict}: {result.reason} ({result.seconds:.1f} s, "
-        f"accel {vm.accelerator()})",
+        f"accel {vm.accelerator()}, firmware {firmware})",
         file=sys.stderr,
     )
     if not result.ok:

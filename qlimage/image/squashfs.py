@@ -6,19 +6,28 @@ import os
 from pathlib import Path
 
 from qlimage.atomic import atomic_path
+from qlimage.progress import Progress, SquashfsBar
 from qlimage.run import run
 
 
 def mksquashfs_command(
-    tree: Path, output: Path, *, compressor: str, level: int | None, block_size: int, epoch: int
+    tree: Path,
+    output: Path,
+    *,
+    compressor: str,
+    level: int | None,
+    block_size: int,
+    epoch: int,
+    progress: bool = False,
 ) -> list[str]:
-    """The exact mksquashfs call; the bench times this same command raw."""
+    """The exact mksquashfs call; the bench times this same command raw. With `progress`,
+    mksquashfs draws its progress bar on stdout (`-quiet` keeps everything else off)."""
     cmd = [
         "mksquashfs",
         str(tree),
         str(output),
         "-noappend",
-        "-no-progress",
+        *([] if progress else ["-no-progress"]),
         "-quiet",
         "-comp",
         compressor,
@@ -50,14 +59,22 @@ def make_squashfs(
     block_size: int = 131072,
     epoch: int,
 ) -> None:
+    shown = Progress(f"mksquashfs {output.name}", 0)
     with atomic_path(output) as tmp:
         run(
             mksquashfs_command(
-                tree, tmp, compressor=compressor, level=level, block_size=block_size, epoch=epoch
+                tree,
+                tmp,
+                compressor=compressor,
+                level=level,
+                block_size=block_size,
+                epoch=epoch,
+                progress=True,
             ),
-            capture=True,
+            on_stdout=SquashfsBar(shown).feed,
             # mksquashfs refuses SOURCE_DATE_EPOCH together with -mkfs-time/-all-time, which
             # already carry the site's epoch.
             unset=["SOURCE_DATE_EPOCH"],
         )
+        shown.finish()
         os.chmod(tmp, 0o644)

@@ -38,6 +38,7 @@ from debian.deb822 import Deb822, Packages, Release
 from debian.debian_support import Version
 
 from qlimage.errors import QlimageError
+from qlimage.progress import Progress
 from qlimage.run import run
 from qlimage.trees import file_digest
 
@@ -249,16 +250,34 @@ class Archive:
                     pending.append(target)
         return sorted(chosen, key=lambda p: p.name)
 
-    def download(self, pkg: BinaryPackage) -> Path:
-        """The verified .deb of `pkg` in the cache, downloading it if needed."""
+    def download_all(self, pkgs: Sequence[BinaryPackage]) -> list[Path]:
+        """The verified .debs of `pkgs`, downloading the missing ones with one progress line
+        (bytes and packages)."""
+        missing = [p for p in pkgs if not (self.cache_dir / "debs" / p.deb_name).exists()]
+        shown = Progress("download", sum(p.size for p in missing), as_bytes=True)
+        paths = []
+        for pkg in pkgs:
+            if pkg in missing:
+                shown.extra = f"package {missing.index(pkg) + 1} of {len(missing)}"
+            paths.append(self.download(pkg, shown if pkg in missing else None))
+        shown.finish()
+        return paths
+
+    def download(self, pkg: BinaryPackage, shown: Progress | None = None) -> Path:
+        """The verified .deb of `pkg` in the cache, downloading it if needed (its bytes are
+        shown on `shown`, else on a progress line of its own)."""
         dest = self.cache_dir / "debs" / pkg.deb_name
         if dest.exists():
             if file_digest(dest) == pkg.sha256:
                 return dest
             # A stale or damaged copy must not survive a failed re-download.
             dest.unlink()
+        own = shown is None
+        shown = shown or Progress(f"download {pkg.deb_name}", pkg.size, as_bytes=True)
         try:
-            self._fetch(pkg.url, dest, sha256=pkg.sha256)
+            self._fetch(pkg.url, dest, sha256=pkg.sha256, shown=shown)
+            if own:
+                shown.finish()
         except _NotFound:
             raise QlimageError(
                 f"{pkg.url}: not found on the mirror (HTTP 404)",
@@ -401,6 +420,7 @@ class Archive:
         *,
         sha256: str | None = None,
         check: Callable[[Path], None] | None = None,
+        shown: Progress | None = None,
     ) -> None:
         """Download `url` to `dest` atomically: a temp file beside it is renamed in if verified."""
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -408,7 +428,7 @@ class Archive:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                digest = self._stream(url, out)
+                digest = self._stream(url, out, shown)
             if sha256 is not None and digest != sha256:
                 raise QlimageError(
                     f"{url}: SHA256 mismatch, expected {sha256}, got {digest}",
@@ -421,7 +441,7 @@ class Archive:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _stream(self, url: str, out: IO[bytes]) -> str:
+    def _stream(self, url: str, out: IO[bytes], shown: Progress | None = None) -> str:
         """Copy the body of `url` into `out`, returning its SHA256."""
         digest = hashlib.sha256()
         try:
@@ -433,6 +453,8 @@ class Archive:
                 for chunk in resp.raw.stream(CHUNK, decode_content=False):
                     digest.update(chunk)
                     out.write(chunk)
+                    if shown is not None:
+                        shown.advance(len(chunk), shown.extra)
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             reason = " ".join(str(exc).split())
             raise QlimageError(f"cannot fetch {url}: {reason}", hint=MIRROR_HINT) from exc

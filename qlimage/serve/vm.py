@@ -13,13 +13,15 @@ import ipaddress
 import os
 import queue
 import re
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlimage.errors import QlimageError
+from qlimage.errors import QlimageError, ToolMissing
 from qlimage.layout import Layout
 from qlimage.run import PIPE, STDOUT, spawn
 from qlimage.site import Host, Site
@@ -84,7 +86,73 @@ def serve(root: Path, port: int, overrides: Mapping[str, Path]) -> http.server.T
     return server
 
 
-def qemu_command(site: Site, host: Host, tftpboot: Path, memory: int) -> list[str]:
+@dataclass(frozen=True)
+class Firmware:
+    """How QEMU starts a node: SeaBIOS + iPXE ROM running pxelinux, or OVMF (Debian's `ovmf`
+    package) running shim -> GRUB with its own virtio-net driver."""
+
+    name: str
+    bootfile: str  # what QEMU's DHCP names, as dnsmasq does per client architecture
+    code: Path | None = None  # OVMF's read-only code flash
+    variables: Path | None = None  # OVMF's variable store template: each boot gets a copy
+    machine: str = "pc"
+    extra: tuple[str, ...] = ()
+
+
+OVMF = Path("/usr/share/OVMF")
+FIRMWARES = {
+    f.name: f
+    for f in (
+        Firmware("bios", "pxelinux.0"),
+        Firmware("ipxe", "boot.ipxe"),  # the NIC's iPXE ROM runs the script itself
+        Firmware("uefi", "bootx64.efi", OVMF / "OVMF_CODE_4M.fd", OVMF / "OVMF_VARS_4M.fd", "q35"),
+        # Secure Boot: Microsoft's keys enrolled (they sign shim), SMM protects the variables.
+        Firmware(
+            "uefi-secure-boot",
+            "bootx64.efi",
+            OVMF / "OVMF_CODE_4M.secboot.fd",
+            OVMF / "OVMF_VARS_4M.ms.fd",
+            "q35,smm=on",
+            ("-global", "driver=cfi.pflash01,property=secure,value=on"),
+        ),
+    )
+}
+
+
+def firmware_args(fw: Firmware, scratch: Path) -> list[str]:
+    """QEMU arguments for `fw`; OVMF's variable store is copied into `scratch` (it is written)."""
+    if fw.code is None or fw.variables is None:
+        return ["-machine", fw.machine, "-boot", "n"]
+    for path in (fw.code, fw.variables):
+        if not path.is_file():
+            raise ToolMissing(f"{path}: not found", hint="apt-get install ovmf")
+    variables = scratch / fw.variables.name
+    shutil.copyfile(fw.variables, variables)
+    return [
+        "-machine",
+        fw.machine,
+        *fw.extra,
+        "-drive",
+        f"if=pflash,format=raw,unit=0,readonly=on,file={fw.code}",
+        "-drive",
+        f"if=pflash,format=raw,unit=1,file={variables}",
+        # The NIC first (bootindex) and no IPv6 PXE: OVMF would otherwise spend about 60 s on
+        # each boot option that fails before it tries IPv4 PXE.
+        "-fw_cfg",
+        "name=opt/org.tianocore/IPv6PXESupport,string=n",
+    ]
+
+
+def nic_device(fw: Firmware, host: Host) -> str:
+    if fw.code is None:
+        return f"virtio-net-pci,netdev=n0,mac={host.mac}"
+    # romfile= : no iPXE option ROM, so OVMF boots with its own virtio-net driver.
+    return f"virtio-net-pci,netdev=n0,mac={host.mac},romfile=,bootindex=1"
+
+
+def qemu_command(
+    site: Site, host: Host, tftpboot: Path, memory: int, fw: Firmware, scratch: Path
+) -> list[str]:
     net = site.boot_network
     addr = site.boot_address(host)
     if ipaddress.IPv4Address(site.head_address) not in net.cidr:
@@ -94,7 +162,7 @@ def qemu_command(site: Site, host: Host, tftpboot: Path, memory: int) -> list[st
         )
     netdev = (
         f"user,id=n0,net={net.cidr},host={site.head_address},dhcpstart={addr},"
-        f"tftp={tftpboot},bootfile=pxelinux.0"
+        f"tftp={tftpboot},bootfile={fw.bootfile}"
     )
     return [
         "qemu-system-x86_64",
@@ -113,9 +181,8 @@ def qemu_command(site: Site, host: Host, tftpboot: Path, memory: int) -> list[st
         "-netdev",
         netdev,
         "-device",
-        f"virtio-net-pci,netdev=n0,mac={host.mac}",
-        "-boot",
-        "n",
+        nic_device(fw, host),
+        *firmware_args(fw, scratch),
     ]
 
 
@@ -130,22 +197,33 @@ def boot(
     overrides: Mapping[str, Path] | None = None,
     on_line: Callable[[str], None] | None = None,
     settle: float = 1.0,
+    firmware: str = "bios",
 ) -> BootResult:
-    """Boot `node` and watch its console until every success pattern appeared (ok), a failure
-    pattern appeared, QEMU exited or `timeout` seconds passed."""
+    """Boot `node` with `firmware` (a FIRMWARES name) and watch its console until every
+    success pattern appeared (ok), a failure pattern appeared, QEMU exited or `timeout`
+    seconds passed."""
     host = site.host(node)
     layout = Layout(site)
-    if not (layout.tftpboot / "pxelinux.0").exists():
-        raise QlimageError(f"{layout.tftpboot}: no TFTP tree yet", hint="run `qlimage build` first")
+    fw = FIRMWARES[firmware]
+    if not (layout.tftpboot / fw.bootfile).exists():
+        raise QlimageError(
+            f"{layout.tftpboot}: no {fw.bootfile} yet", hint="run `qlimage build` first"
+        )
     pending = [re.compile(p) for p in success]
     failing = [re.compile(p) for p in failure]
-    command = qemu_command(site, host, layout.tftpboot, memory)
+    scratch = Path(tempfile.mkdtemp(prefix="qlimage-vm."))
+    try:
+        command = qemu_command(site, host, layout.tftpboot, memory, fw, scratch)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     server = serve(layout.bootfiles, site.http_port, overrides or {})
     start = time.monotonic()
     console: list[str] = []
     result = BootResult(False, f"timed out after {timeout:.0f} s", console)
     # Whatever happens, QEMU is stopped and reaped first, then the HTTP server.
     with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
         cleanup.callback(server.server_close)
         cleanup.callback(server.shutdown)
         proc = cleanup.enter_context(spawn(command, stdout=PIPE, stderr=STDOUT))

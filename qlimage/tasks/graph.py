@@ -20,6 +20,7 @@ from doit.exceptions import TaskError
 from doit.tools import config_changed
 
 from qlimage.atomic import clamp_outputs_below, write_text
+from qlimage.boot import grub, ipxe, loaders
 from qlimage.boot import pxelinux as pxe
 from qlimage.bundle import publish as node_files
 from qlimage.bundle import render as bundle
@@ -343,6 +344,48 @@ def task_pxelinux(site: Site) -> Iterator[Task]:
     }
 
 
+def task_grub(site: Site) -> Iterator[Task]:
+    """UEFI netboot: the signed loaders (by package name, like the kernel: fetched again when
+    the names, the architecture or the files change) and GRUB's default and per-host configs."""
+    layout = Layout(site)
+    yield group("grub", "UEFI netboot: signed shim and GRUB in tftpboot/, grub/ configs")
+    yield {
+        "name": "loaders",
+        "doc": "shim (bootx64.efi) and GRUB (grubx64.efi) from Debian's signed packages",
+        "file_dep": [],
+        "targets": [str(layout.tftpboot / n) for n in loaders.loader_names()],
+        "actions": [(loaders.install_uefi_loaders, [site])],
+        "uptodate": [
+            config_changed(
+                {"loaders": [vars(x) for x in loaders.LOADERS], "arch": site.archive.arch}
+            )
+        ],
+    }
+    configs = grub.configs(site)
+    yield {
+        "name": "configs",
+        "doc": "write grub/grub.cfg and grub/grub.cfg-01-<mac> for every host",
+        "file_dep": [],
+        "targets": [str(layout.grub_dir / n) for n in sorted(configs)],
+        "actions": [(grub.write_configs, [configs, layout.grub_dir])],
+        "uptodate": [config_changed(json.dumps(configs, sort_keys=True))],
+    }
+
+
+def task_ipxe(site: Site) -> Task:
+    rendered = ipxe.scripts(site)
+    dispatch = ipxe.dispatch()
+    layout = Layout(site)
+    return {
+        "doc": "iPXE: tftpboot/boot.ipxe and ipxe/<mac>.ipxe per host (kernel, initrd over HTTP)",
+        "file_dep": [],
+        "targets": [str(layout.tftpboot / ipxe.DISPATCH)]
+        + [str(layout.ipxe_dir / n) for n in sorted(rendered)],
+        "actions": [(ipxe.write_scripts, [rendered, dispatch, layout.tftpboot])],
+        "uptodate": [config_changed(json.dumps([rendered, dispatch], sort_keys=True))],
+    }
+
+
 def task_bundles(site: Site) -> Iterator[Task]:
     layout = Layout(site)
     yield group("bundle", "per-node bundle: every file and action the node runner applies")
@@ -442,6 +485,8 @@ def site_tasks(site: Site, p: Plan | None = None) -> dict[str, Any]:
         "initrd": lambda: task_initrd(site),
         "images": lambda: task_images(site, p),
         "pxelinux": lambda: task_pxelinux(site),
+        "grub": lambda: task_grub(site),
+        "ipxe": lambda: task_ipxe(site),
         "bundle": lambda: task_bundles(site),
         "prune": lambda: task_prune(site),
         "tftpboot": lambda: task_tftpboot(site),

@@ -15,8 +15,9 @@ else is a bug: TaskCrashed, exit status 70, its traceback with --debug.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 from doit.exceptions import BaseFail, UnmetDependency
@@ -25,6 +26,7 @@ from doit.reporter import ConsoleReporter
 from qlimage.errors import TaskCrashed, TaskFailures
 from qlimage.image.publish import build_lock
 from qlimage.site import Site
+from qlimage.tasks import stamp
 
 # doit commands that only read the graph and its state. (forget and ignore write the state, so
 # they wait for a running build like anything that may run tasks.)
@@ -96,6 +98,33 @@ class Reporter(ConsoleReporter):
             raise TaskFailures(self.problems, self.details)
 
 
+class GraphFiles:
+    """The files the tasks name (`targets`, `file_dep`), noted as doit creates the tasks."""
+
+    def __init__(self) -> None:
+        self.targets: set[str] = set()
+        self.file_dep: set[str] = set()
+
+    def note(self, task: Any) -> Any:
+        if isinstance(task, dict):
+            self.targets.update(str(t) for t in task.get("targets", ()))
+            self.file_dep.update(str(f) for f in task.get("file_dep", ()))
+        return task
+
+    def wrap(self, tasks: dict[str, Any]) -> dict[str, Any]:
+        return {name: self.creator(make) for name, make in tasks.items()}
+
+    def creator(self, make: Callable[[], Any]) -> Callable[[], Any]:
+        @functools.wraps(make)
+        def noted() -> Any:
+            made = make()
+            if isinstance(made, dict):
+                return self.note(made)
+            return (self.note(t) for t in made)
+
+        return noted
+
+
 def doit_namespace(site: Site, tasks: dict[str, Any], reporter: Reporter) -> dict[str, Any]:
     """What doit's loader reads from a dodo file. Under the lock: the config repairs state."""
     from qlimage.tasks.graph import doit_config
@@ -107,22 +136,34 @@ def doit_namespace(site: Site, tasks: dict[str, Any], reporter: Reporter) -> dic
 def locked_if_running(site: Site, doit_args: Sequence[str], *, wait: bool) -> Iterator[None]:
     if runs_tasks(doit_args):
         with build_lock(site.paths.bootfiles, wait=wait):
+            stamp.discard(site)  # whatever runs now may change what the last build stamped
             yield
     else:
         yield
 
 
-def run_graph(site: Site, doit_args: Sequence[str] = ("run",), *, wait: bool = True) -> int:
+def run_graph(
+    site: Site,
+    doit_args: Sequence[str] = ("run",),
+    *,
+    wait: bool = True,
+    on_success: Callable[[GraphFiles], object] | None = None,
+) -> int:
     """Run doit with `doit_args` on the site's graph, under the build lock when it may build.
-    A failed task raises TaskFailures (a user error) or TaskCrashed (a bug) once doit is done."""
+    A failed task raises TaskFailures (a user error) or TaskCrashed (a bug) once doit is done.
+    `on_success` runs under the lock after a run without failures (the build stamp), with the
+    files the graph's tasks named."""
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
 
     tasks = planned_tasks(site)
     reporter = Reporter(sys.stdout, {})
     with locked_if_running(site, doit_args, wait=wait):
-        loader = ModuleTaskLoader(doit_namespace(site, tasks, reporter))
+        named = GraphFiles()
+        loader = ModuleTaskLoader(doit_namespace(site, named.wrap(tasks), reporter))
         status = DoitMain(loader).run(list(doit_args))
+        if on_success and not status and not reporter.crashes and not reporter.problems:
+            on_success(named)
     reporter.raise_failures()
     # forget, ignore and friends return None on success; doit has printed its own usage errors.
     return 2 if status == DOIT_USAGE_ERROR else int(status or 0)

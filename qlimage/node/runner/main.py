@@ -10,6 +10,7 @@ from . import names, paths
 from .actions import perform_actions, run_init_scripts
 from .apply import apply_files
 from .bundle import Bundle, BundleError, check_node_paths, parse_bundle
+from .clock import sync_clock
 from .commands import Runner, run_command
 from .disk import initialize_disks
 from .fetch import Fetcher, bundle_url, check_base_url, fetch_bundle, fetch_url
@@ -68,6 +69,8 @@ def configure_node(identity: NodeIdentity, fetch: Fetcher, run: Runner, reporter
         f"bundle for {bundle.node} verified: {len(bundle.files)} files, "
         f"{len(bundle.actions)} actions"
     )
+    # First: files written and everything after them see the head's time.
+    sync_clock(bundle, run, reporter)
     try:
         apply_files(bundle.files, reporter)
     except OSError as e:

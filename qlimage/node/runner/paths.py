@@ -31,3 +31,8 @@ RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0, 4.0)
 COMMAND_TIMEOUT = 3600.0
 # How long to wait for a partition's device node (udev, or the kernel's re-read) to appear.
 PARTITION_WAIT = 5.0
+# The time option's file (written by the bundle, read by the runner before it writes anything)
+# and how long the one attempt to set the clock from the head may take: a head that does not
+# answer must not hold up the boot.
+TIME_FILE = f"{names.OPTIONS_DIR}/time"
+TIME_SYNC_TIMEOUT = 10

@@ -1,0 +1,232 @@
+"""The build stamp: how a `qlimage build` that has nothing to do says so in constant time.
+
+A full, successful `qlimage build` ends (under the build lock) by writing a stamp: the stat keys
+(inode, size, mtime, ctime) of every input the graph reads and of the outputs doit checks, and
+the environment it depends on. The next `qlimage build` without doit arguments recomputes that
+fingerprint before loading the site (nothing here imports jsonschema, doit or Jinja) and stops
+with "nothing to do" when it is unchanged; anything else runs the full build.
+
+Why stat keys are enough: ctime cannot be set back by a user, so every write, chmod, rename or
+replace of an entry changes its key, and a directory's key changes when an entry is added,
+removed or renamed in it. Every tree is walked whole (over-approximating what the graph reads
+only costs a full build); symlinks are keyed both as links and by their targets.
+
+A file edited while a build runs may have been read before the edit: a stamp is written only
+when no input's ctime is newer than the build's start (minus a margin for the file system's
+coarse clock), else the next build does the work and writes it. Every other command that may
+run tasks removes the stamp first (`discard`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import sys
+import time
+import tomllib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qlimage.atomic import write_text
+from qlimage.layout import BUILD_STAMP, LOCK, POOL_CACHE, RUNNING, VALIDATION_CACHE, Layout
+
+if TYPE_CHECKING:
+    from qlimage.site import Site
+
+FORMAT = 1
+# An input whose ctime is within this of the build's start (or later) may have changed after
+# the graph read it. The kernel stamps files with a coarse clock (a tick behind at most); a
+# network file system with its server's clock: two seconds absorb both.
+MARGIN_NS = 2_000_000_000
+# The environment the graph reads (the epoch and the cache directly, HOME through `~` paths),
+# besides every QLIMAGE_* variable.
+ENV = ("SOURCE_DATE_EPOCH", "HOME")
+# Never inputs: byte code is rewritten by the interpreter whenever it likes.
+SKIPPED_NAMES = frozenset({"__pycache__"})
+# Packages whose code decides what the graph writes, besides qlimage itself.
+LIBRARIES = ("doit", "jinja2", "jsonschema", "markupsafe")
+# State files below bootfiles/ that come and go with every command (or are mere caches).
+VOLATILE = frozenset({LOCK, RUNNING, BUILD_STAMP, VALIDATION_CACHE, POOL_CACHE})
+
+Key = tuple[int, int, int, int]
+
+
+def started() -> int:
+    """The moment a build starts, before it reads any input (compare `write`)."""
+    return time.time_ns()
+
+
+def stat_key(path: str, *, follow: bool) -> Key | None:
+    try:
+        st = os.stat(path, follow_symlinks=follow)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def walk(root: str, skipped: frozenset[str]) -> Iterator[tuple[str, Key | None, Key | None]]:
+    """(path, its own key, its target's key when it is a link) for the root and everything
+    below it, not entering symlinked directories (the graph does not either) nor `skipped`."""
+    own = stat_key(root, follow=False)
+    yield root, own, stat_key(root, follow=True)
+    if own is None or not stat.S_ISDIR(os.stat(root, follow_symlinks=False).st_mode):
+        return
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if e.name in SKIPPED_NAMES or e.path in skipped:
+                continue
+            st = e.stat(follow_symlinks=False)
+            key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if stat.S_ISLNK(st.st_mode):
+                yield e.path, key, stat_key(e.path, follow=True)
+            else:
+                yield e.path, key, None
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(e.path)
+
+
+def input_entries(
+    plan: dict[str, Any],
+) -> Iterator[tuple[str, Key | None, Key | None]]:
+    skipped = frozenset(plan["skipped"])
+    for tree in plan["trees"]:
+        yield from walk(tree, skipped)
+    for path in plan["files"]:
+        yield path, stat_key(path, follow=False), stat_key(path, follow=True)
+
+
+def output_entries(plan: dict[str, Any]) -> Iterator[tuple[str, Key | None, Key | None]]:
+    # bootfiles/ by its listing: its own key changes with the lock's marker and this stamp.
+    bootfiles = plan["bootfiles"]
+    try:
+        names = sorted(n for n in os.listdir(bootfiles) if n not in VOLATILE)
+    except OSError:
+        names = []
+    for name in names:
+        path = os.path.join(bootfiles, name)
+        yield path, stat_key(path, follow=False), stat_key(path, follow=True)
+    # A target's directory changes when the target comes or goes, which is all doit checks of a
+    # target. Keyed where it leads: a directory that is a link (a node's) is replaced by a
+    # rename in the directory above, which is keyed too. doit compares file_deps themselves.
+    for path in plan["directories"]:
+        yield path, None, stat_key(path, follow=True)
+    for path in plan["file_dep"]:
+        yield path, stat_key(path, follow=False), stat_key(path, follow=True)
+
+
+def digest(plan: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    env = {k: v for k, v in os.environ.items() if k in ENV or k.startswith("QLIMAGE_")}
+    h.update(json.dumps([FORMAT, sys.version, sorted(env.items())]).encode())
+    for entry in [*input_entries(plan), *output_entries(plan)]:
+        h.update(repr(entry).encode())
+    return h.hexdigest()
+
+
+def newest_input_ctime(plan: dict[str, Any]) -> int:
+    return max(
+        (k[3] for _, own, target in input_entries(plan) for k in (own, target) if k), default=0
+    )
+
+
+def stamp_path(site_root: Path) -> Path | None:
+    """Where the site's stamp is, from site.toml alone (no schema check: a stamp is only ever
+    found for a site.toml that built)."""
+    from qlimage.site.load import SITE_FILE, make_paths
+
+    root = site_root.resolve()
+    try:
+        raw = tomllib.loads((root / SITE_FILE).read_text())
+        return Layout(make_paths(root, raw).bootfiles).build_stamp
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def up_to_date(site_root: Path) -> bool:
+    """Whether the last full build's stamp still matches every input and output."""
+    path = stamp_path(site_root)
+    if path is None:
+        return False
+    try:
+        stamp = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(stamp, dict) or stamp.get("format") != FORMAT:
+        return False
+    try:
+        # A copied site carries the stamp of the one it was copied from: it names other paths.
+        plan = stamp["plan"]
+        if plan["bootfiles"] != str(path.parent) or plan["root"] != str(site_root.resolve()):
+            return False
+        return bool(digest(stamp["plan"]) == stamp["digest"])
+    except (KeyError, TypeError):
+        return False
+
+
+def package_dir(name: str) -> str | None:
+    module = sys.modules.get(name)
+    if module is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec else None
+    else:
+        origin = getattr(module, "__file__", None)
+    return str(Path(origin).parent) if origin else None
+
+
+def under(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def parent_of_parent(path: str) -> str:
+    return os.path.dirname(os.path.dirname(path))
+
+
+def plan_of(site: Site, targets: Iterable[str], file_dep: Iterable[str]) -> dict[str, Any]:
+    """What the stamp of this site covers: every input tree and file, and what doit checks of
+    the outputs (`targets` and `file_dep`: every file the graph's tasks named)."""
+    from qlimage.boot import pxelinux
+
+    p = site.paths
+    layout = Layout(site)
+    inputs = [p.root, p.pool, p.images, p.nodes, p.overlays, p.rootfs, p.chroots, p.modules]
+    trees = [p.root] + [t for t in inputs[1:] if not under(t, [p.root])] + [p.cache]
+    code = [package_dir(n) for n in ("qlimage", *LIBRARIES)]
+    files = [site.kernel_deb, site.head_shadow, pxelinux.PXELINUX, pxelinux.LDLINUX]
+    directories = {d for t in targets for d in (os.path.dirname(t), parent_of_parent(t))}
+    return {
+        "trees": [str(t) for t in trees] + [c for c in code if c],
+        "skipped": [str(p.bootfiles), str(p.cache)],
+        "files": [str(f) for f in files if f],
+        "file_dep": sorted(set(file_dep)),
+        "root": str(p.root),
+        "bootfiles": str(layout.bootfiles),
+        "directories": sorted(directories - {str(layout.bootfiles)}),
+    }
+
+
+def write(site: Site, started_ns: int, targets: Iterable[str], file_dep: Iterable[str]) -> bool:
+    """After a full, successful build, under the lock: stamp it, unless an input changed while
+    it ran (then the next build does the work, and stamps)."""
+    plan = plan_of(site, targets, file_dep)
+    path = Layout(site).build_stamp
+    if newest_input_ctime(plan) >= started_ns - MARGIN_NS:
+        path.unlink(missing_ok=True)
+        return False
+    write_text(path, json.dumps({"format": FORMAT, "plan": plan, "digest": digest(plan)}))
+    return True
+
+
+def discard(site: Site) -> None:
+    """Anything else that may run tasks or change doit's state makes the stamp stale."""
+    Layout(site).build_stamp.unlink(missing_ok=True)

@@ -1,0 +1,204 @@
+"""The no-op fast path (`qlimage.tasks.stamp`): an untouched site answers "nothing to do"
+without starting doit, and every kind of input change doit would see makes it decline, so the
+build does the work.
+
+One built site per module: each test first stamps it (a build once its inputs are older than the
+stamp's margin), checks the fast path answers, changes one input and builds again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import qlimage
+from qlimage.pool.debpack import build_deb
+from qlimage.tasks import stamp
+
+from helpers import REPO, clone_built_site
+from helpers import qlimage as run_qlimage
+
+pytestmark = [pytest.mark.tools, pytest.mark.network]
+
+NOTHING = "nothing to do"
+NODE = "52-54-00-12-34-56"  # beo-01's boot MAC, as its node directory names it
+
+
+@pytest.fixture(scope="module")
+def site(built_site: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return clone_built_site(built_site, tmp_path_factory.mktemp("fast") / "site")
+
+
+def build(root: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlimage", "-C", str(root), "build"],
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def executed(out: str) -> set[str]:
+    return set(re.findall(r"^\.  (\S+)", out, re.M))
+
+
+def stamped(root: Path) -> None:
+    """Build until the site carries a stamp: a build may only stamp inputs older than the
+    margin, and a clone's files are all new."""
+    for _ in range(3):  # the first build of a clone rebuilds its recipe's .deb in the pool
+        time.sleep(stamp.MARGIN_NS / 1e9 + 0.1)
+        build(root)
+        if (root / "bootfiles/.build-stamp.json").exists():
+            break
+    assert (root / "bootfiles/.build-stamp.json").exists()
+    assert NOTHING in build(root).stdout
+
+
+def declines(root: Path, **env: str) -> str:
+    """The next build's output, which must come from doit, not from the fast path."""
+    out = build(root, **env).stdout
+    assert NOTHING not in out
+    assert re.search(r"^(\.  |-- )\S+", out, re.M), "doit did not run"
+    return out
+
+
+def test_untouched_site_answers_without_doit_jsonschema_or_jinja(site: Path) -> None:
+    stamped(site)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "qlimage", "-C", str(site), "build"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"qlimage: {NOTHING} (no input changed since the last build)"
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()}
+    assert not imported & {"doit", "jsonschema", "jinja2"}
+
+
+def test_site_file_change_is_built(site: Path) -> None:
+    stamped(site)
+    path = site / "site.toml"
+    path.write_text(path.read_text().replace('append = "debug"', 'append = "debug quiet"'))
+    assert "pxelinux:configs" in executed(declines(site))
+
+
+def test_node_file_change_is_built(site: Path) -> None:
+    stamped(site)
+    nodes = site / "nodes.d/cluster.toml"
+    nodes.write_text(nodes.read_text() + "options.opensm = true\n")  # appended to beo-02
+    assert executed(declines(site)) == {"bundle:beo-02"}
+
+
+def test_overlay_file_change_is_built(site: Path) -> None:
+    stamped(site)
+    motd = site / "overlays/common/copy/etc/motd"
+    motd.parent.mkdir(parents=True, exist_ok=True)
+    motd.write_text("fast path test\n")
+    assert {"stage:demo", "squashfs:demo"} <= executed(declines(site))
+
+
+def test_rootfs_file_change_is_built(site: Path) -> None:
+    stamped(site)
+    (site / "rootfs/tweaks/etc/qlustar/secret").write_text("changed by the fast path test\n")
+    assert executed(declines(site)) == {"bundle:beo-01"}
+
+
+def test_pool_package_added_is_seen(site: Path) -> None:
+    stamped(site)
+    tree = site.parent / "extra-tree"
+    (tree / "usr/share/extra").mkdir(parents=True)
+    (tree / "usr/share/extra/version").write_text("1\n")
+    package = "qlustar-module-extra-bookworm"
+    build_deb(
+        tree,
+        {
+            "Package": package,
+            "Version": "11.0.0",
+            "Architecture": "amd64",
+            "Maintainer": "t <t@example.org>",
+            "Description": "fast path test module",
+        },
+        site / f"modules/pool/{package}_11.0.0_amd64.deb",
+        source_date_epoch=1700000000,
+    )
+    declines(site)  # no image uses it: doit decides (nothing), not the stamp
+    images = site / "images.d/demo.toml"
+    images.write_text(images.read_text().replace('["core"]', '["core", "extra"]'))
+    assert {"stage:demo", "squashfs:demo"} <= executed(declines(site))
+
+
+def test_kernel_package_in_the_cache_is_seen(site: Path) -> None:
+    """The kernel and initrd tasks read the kernel .deb from the download cache: any change
+    there (here only its ctime, so other tests sharing the cache see the same bytes) counts."""
+    stamped(site)
+    cache = Path(os.environ.get("QLIMAGE_CACHE", Path.home() / ".cache/qlimage"))
+    debs = sorted(cache.rglob("linux-image-*.deb"))
+    assert debs, f"no kernel package in {cache}"
+    st = debs[0].stat()
+    os.utime(debs[0], ns=(st.st_atime_ns, st.st_mtime_ns))
+    declines(site)
+
+
+def test_qlimage_code_or_template_change_is_seen(site: Path) -> None:
+    """An upgrade of qlimage replaces its files: every one of them counts, templates too (here
+    only the ctime changes, so nothing else sees a difference)."""
+    stamped(site)
+    template = next((Path(qlimage.__file__).parent / "boot/templates").iterdir())
+    st = template.stat()
+    os.utime(template, ns=(st.st_atime_ns, st.st_mtime_ns))
+    declines(site)
+
+
+@pytest.mark.parametrize(
+    "output, task",
+    [
+        (f"qlustar/nodes/{NODE}/bundle.json", "bundle:beo-01"),
+        ("pxelinux.cfg/default", "pxelinux:configs"),
+        ("head/nginx.conf", "headconfig"),
+        ("qlustar/images/demo/current", "squashfs:demo"),
+    ],
+)
+def test_removed_output_is_rebuilt(site: Path, output: str, task: str) -> None:
+    stamped(site)
+    (site / "bootfiles" / output).unlink()
+    assert task in executed(declines(site))
+    assert (site / "bootfiles" / output).exists()
+
+
+def test_source_date_epoch_change_is_seen(site: Path) -> None:
+    stamped(site)
+    declines(site, SOURCE_DATE_EPOCH="1700000001")
+
+
+def test_input_changed_during_the_build_leaves_no_stamp(site: Path) -> None:
+    """A file edited just before (or while) a build ran may have been read before the edit:
+    that build must not stamp, so the next one looks again."""
+    stamped(site)
+    (site / "rootfs/tweaks/etc/qlustar/secret").write_text("changed again\n")
+    build(site)
+    assert not (site / "bootfiles/.build-stamp.json").exists()
+    declines(site)
+
+
+def test_other_doit_runs_discard_the_stamp(site: Path) -> None:
+    stamped(site)
+    run_qlimage("-C", str(site), "build", "-a", "headconfig")
+    assert not (site / "bootfiles/.build-stamp.json").exists()
+
+
+def test_copied_site_does_not_trust_the_stamp_it_carries(site: Path, tmp_path: Path) -> None:
+    """The stamp names the paths of the site that wrote it: a copy must look for itself."""
+    stamped(site)
+    copy = clone_built_site(site, tmp_path / "copy")
+    assert (copy / "bootfiles/.build-stamp.json").exists()
+    declines(copy)

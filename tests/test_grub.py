@@ -1,0 +1,263 @@
+"""GRUB netboot (UEFI): rendered configs (golden files), GRUB quoting, the per-host file names
+GRUB looks up, the signed loaders in the TFTP tree and the signed kernel.
+
+Golden files live in tests/golden/grub/ (the conftest test site, http port 8470). After an
+intended change to the templates or the kernel command line, regenerate them with
+
+    QLIMAGE_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_grub.py
+
+and review the diff (`git diff tests/golden`) before committing it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from qlimage.boot import grub, ipxe, loaders
+from qlimage.layout import Layout
+from qlimage.site import BootConfig, Site, load_site
+from qlimage.templates import UnsafeValue
+
+from helpers import assert_refused, qlimage, write_site
+
+SiteFactory = Callable[..., Path]
+GOLDEN = Path(__file__).resolve().parent / "golden" / "grub"
+UPDATE = os.environ.get("QLIMAGE_UPDATE_GOLDEN") == "1"
+PORT = 8470
+
+
+@pytest.fixture
+def site(site_factory: SiteFactory) -> Site:
+    return load_site(site_factory(port=PORT))
+
+
+def check_golden(directory: Path, rendered: dict[str, str]) -> None:
+    if UPDATE:
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in set(os.listdir(directory)) - rendered.keys():
+            (directory / stale).unlink()
+        for name, text in rendered.items():
+            (directory / name).write_text(text)
+    assert directory.is_dir(), f"no golden files in {directory}; run with QLIMAGE_UPDATE_GOLDEN=1"
+    assert sorted(os.listdir(directory)) == sorted(rendered)
+    for name, text in rendered.items():
+        assert text == (directory / name).read_text(), f"{name} differs from {directory / name}"
+
+
+def script_check(text: str, tmp_path: Path) -> None:
+    """GRUB's own parser accepts the file (grub-common's grub-script-check)."""
+    path = tmp_path / "check.cfg"
+    path.write_text(text)
+    subprocess.run(["grub-script-check", str(path)], check=True, capture_output=True)
+
+
+# --- rendered configs -----------------------------------------------------------------------
+
+
+def test_configs_match_golden_files(site: Site, tmp_path: Path) -> None:
+    rendered = grub.configs(site)
+    # The names GRUB's network boot tries first: grub.cfg-01-<mac with dashes>, else grub.cfg.
+    assert sorted(rendered) == [
+        "grub.cfg",
+        "grub.cfg-01-52-54-00-12-34-56",
+        "grub.cfg-01-52-54-00-12-34-57",
+    ]
+    for text in rendered.values():
+        script_check(text, tmp_path)
+    check_golden(GOLDEN, rendered)
+
+
+def test_host_config_carries_its_mac_and_boot_config(site: Site) -> None:
+    text = grub.configs(site)["grub.cfg-01-52-54-00-12-34-56"]
+    assert "'BOOTIF=01-52-54-00-12-34-56'" in text  # the initrd finds its NIC by it
+    assert "'qlustar.bootcfg=compute'" in text
+    assert "'qlustar.pxecfg=grub.cfg-01-52-54-00-12-34-56'" in text
+    assert "echo 'qlustar: grub config grub.cfg-01-52-54-00-12-34-56 " in text
+    assert "linux '(tftp)/qlustar/boot/current/vmlinuz' " in text
+    assert "initrd '(tftp)/qlustar/boot/current/initrd.img'" in text
+
+
+def test_default_config_has_no_bootif(site: Site) -> None:
+    text = grub.configs(site)["grub.cfg"]
+    assert "'qlustar.bootcfg=fallback'" in text
+    assert "BOOTIF" not in text  # unknown MAC: the initrd takes the first ethernet NIC
+
+
+def test_unregistered_default_returns_to_the_firmware(
+    site_factory: SiteFactory, tmp_path: Path
+) -> None:
+    root = site_factory(port=PORT)
+    text = (root / "site.toml").read_text()
+    (root / "site.toml").write_text(text.replace('default = "fallback"\n', ""))
+    default = grub.configs(load_site(root))["grub.cfg"]
+    assert default.rstrip().endswith("\nexit")
+    assert "linux" not in default and "qlustar." not in default
+    script_check(default, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("value", "quoted"),
+    [
+        ("plain", "'plain'"),
+        ("it's", "'it'\\''s'"),
+        ("$(reboot); exit # x", "'$(reboot); exit # x'"),
+        ("two words", "'two words'"),
+        ("", "''"),
+    ],
+)
+def test_quote_keeps_every_character_literal(value: str, quoted: str, tmp_path: Path) -> None:
+    assert grub.quote(value) == quoted
+    script_check(f"echo {quoted}\n", tmp_path)
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a\rb", "a\x00b", "a\x1bb", "a\x7fb"])
+def test_quote_refuses_control_characters(value: str) -> None:
+    with pytest.raises(UnsafeValue):
+        grub.quote(value)
+
+
+def test_hostile_append_stays_one_literal_argument_each(site: Site, tmp_path: Path) -> None:
+    bc = BootConfig("evil", "demo", "a'b $x;reboot {c}", "")
+    text = grub.render_config(site, bc, "grub.cfg-01-x")
+    assert "'a'\\''b' '$x;reboot' '{c}'" in text
+    script_check(text, tmp_path)
+
+
+# --- hostile inputs (the corpus: one refused site each) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "edit"),
+    [
+        ("append-with-escape-char", ('append = "debug"', 'append = "debug\\u001bx"')),
+        ("append-with-newline", ('append = "debug"', 'append = "debug\\nlinux /evil"')),
+    ],
+)
+def test_bad_bootconfig_append_is_refused(name: str, edit: tuple[str, str], tmp_path: Path) -> None:
+    root = write_site(tmp_path / "site")
+    text = (root / "site.toml").read_text()
+    assert edit[0] in text
+    (root / "site.toml").write_text(text.replace(edit[0], edit[1]))
+    assert_refused(root, names="append")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param(["--secure-boot"], id="secure-boot-without-uefi"),
+        pytest.param(["--ipxe", "--uefi"], id="ipxe-with-uefi"),
+    ],
+)
+def test_vm_refuses_contradictory_firmware_flags(flags: list[str], tmp_path: Path) -> None:
+    root = write_site(tmp_path / "site")
+    assert_refused(root, "vm", "beo-01", *flags, names="--uefi")
+
+
+# --- the built site: loaders and configs in the TFTP tree -------------------------------------
+
+
+def test_tftp_tree_holds_the_signed_loaders(built_site: Path) -> None:
+    layout = Layout(built_site / "bootfiles")
+    for name in loaders.loader_names():
+        data = (layout.tftpboot / name).read_bytes()
+        assert data[:2] == b"MZ", name  # a PE/COFF image
+    listing = subprocess.run(
+        ["sbverify", "--list", str(layout.tftpboot / "grubx64.efi")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "Debian Secure Boot" in listing
+    shim = subprocess.run(
+        ["sbverify", "--list", str(layout.tftpboot / "bootx64.efi")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "Microsoft" in shim
+
+
+def test_kernel_is_debian_signed(built_site: Path) -> None:
+    """Secure Boot needs the Debian-signed kernel: the kernel package is built from
+    linux-signed-amd64, and the initrd's modules come from the same package."""
+    listing = subprocess.run(
+        ["sbverify", "--list", str(Layout(built_site / "bootfiles").vmlinuz)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "Debian Secure Boot Signer" in listing
+
+
+def test_built_configs_are_the_rendered_ones(built_site: Path) -> None:
+    site = load_site(built_site)
+    grub_dir = Layout(site).grub_dir
+    rendered = grub.configs(site)
+    assert sorted(p.name for p in grub_dir.iterdir()) == sorted(rendered)
+    for name, text in rendered.items():
+        assert (grub_dir / name).read_text() == text
+
+
+def test_host_that_leaves_loses_its_config(built_copy: Path) -> None:
+    nodes = built_copy / "nodes.d/cluster.toml"
+    text = nodes.read_text()
+    start = text.index('[[hosts]]\nname = "beo-02"')
+    nodes.write_text(text[:start])
+    out = qlimage("-C", str(built_copy), "build").stdout
+    assert "grub:configs" in out
+    grub_dir = Layout(built_copy / "bootfiles").grub_dir
+    assert sorted(p.name for p in grub_dir.iterdir()) == [
+        "grub.cfg",
+        "grub.cfg-01-52-54-00-12-34-56",
+    ]
+
+
+def test_loaders_do_not_rebuild_without_a_change(built_copy: Path) -> None:
+    out = qlimage("-C", str(built_copy), "build").stdout
+    assert "-- grub:loaders" in out and "-- grub:configs" in out
+
+
+# --- iPXE: the dispatch script and per-host scripts ------------------------------------------
+
+
+def test_ipxe_scripts_match_golden_files(site: Site) -> None:
+    rendered = ipxe.scripts(site)
+    assert sorted(rendered) == ["52-54-00-12-34-56.ipxe", "52-54-00-12-34-57.ipxe"]
+    check_golden(GOLDEN.parent / "ipxe", {**rendered, ipxe.DISPATCH: ipxe.dispatch()})
+
+
+def test_ipxe_host_script_fetches_over_http_with_bootif(site: Site) -> None:
+    text = ipxe.scripts(site)["52-54-00-12-34-56.ipxe"]
+    assert text.startswith("#!ipxe\n")
+    assert "\nkernel http://10.0.2.2:8470/qlustar/boot/current/vmlinuz " in text
+    assert "\ninitrd http://10.0.2.2:8470/qlustar/boot/current/initrd.img\n" in text
+    assert " qlustar.bootcfg=compute " in text and text.count("BOOTIF=01-52-54-00-12-34-56") == 1
+    # The dispatch script names the per-host file the way iPXE expands the MAC.
+    assert "chain ipxe/${mac:hexhyp}.ipxe" in ipxe.dispatch()
+
+
+@pytest.mark.parametrize(
+    "append",
+    ["${root-path}", "a#b", "x||y", "it's", '"q"', ":label", "a&&b", "semi;colon"],
+)
+def test_ipxe_refuses_what_it_cannot_quote(site: Site, append: str) -> None:
+    bc = BootConfig("evil", "demo", append, "")
+    with pytest.raises(UnsafeValue):
+        ipxe.render_host(site, bc, site.hosts[0])
+
+
+def test_ipxe_skips_a_host_it_cannot_boot_with_a_warning(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evil = BootConfig("compute", "demo", "rd.x=${net0/ip}", "")
+    odd = replace(site, bootconfigs={**site.bootconfigs, "compute": evil})
+    rendered = ipxe.scripts(odd)
+    assert sorted(rendered) == ["52-54-00-12-34-57.ipxe"]  # beo-01 (compute) has none
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and ".bootconfigs.compute.append" in err[0] and "beo-01" in err[0]
