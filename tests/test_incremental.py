@@ -146,8 +146,16 @@ def test_node_added_rebuilds_pxelinux_links_and_its_bundle_only(site: Path) -> N
         nodes.read_text() + '\n[[hosts]]\nname = "beo-09"\nmac = "52:54:00:00:00:09"\n'
         'image = "beta"\nnetworks.boot = "10.0.2.99"\n'
     )
-    # The head's DHCP and HTTP configs name every node; prune's input is the set of nodes.
-    assert build(site) == {"pxelinux:links", "bundle:beo-09", "headconfig", "prune"}
+    # The head's DHCP and HTTP configs name every node; prune's input is the set of nodes; the
+    # GRUB and iPXE per-host configs, like pxelinux's links, gain the new node's.
+    assert build(site) == {
+        "pxelinux:links",
+        "grub:configs",
+        "ipxe",
+        "bundle:beo-09",
+        "headconfig",
+        "prune",
+    }
 
 
 def test_node_options_change_rebuilds_that_nodes_bundle_only(site: Path) -> None:

@@ -147,8 +147,8 @@ def stamp_path(site_root: Path) -> Path | None:
     try:
         raw = tomllib.loads((root / SITE_FILE).read_text())
         return Layout(make_paths(root, raw).bootfiles).build_stamp
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None  # the full load reports what is wrong with site.toml
 
 
 def up_to_date(site_root: Path) -> bool:
