@@ -84,6 +84,18 @@ def clamp_ancestors(path: Path) -> None:
         clamp_one(parent)
 
 
+def clamp_served_dirs() -> None:
+    """Clamp every directory of the served trees: removing stale entries (old generations,
+    nodes that left, configs of removed hosts) and swapping links changed their mtimes after
+    the writers above clamped them. Files are clamped when written; directories are few."""
+    if _served is None:
+        return
+    for root in _served[0]:
+        for dirpath, dirnames, _ in os.walk(root):  # links are not followed
+            dirnames[:] = [d for d in dirnames if not d.startswith(TMP_PREFIX)]
+            clamp_one(Path(dirpath))
+
+
 def clamp_one(path: Path) -> None:
     epoch = served_epoch(path)
     if epoch is not None and path.lstat().st_mtime > epoch:

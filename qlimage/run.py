@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 from qlimage.errors import BuildError, CommandTimeout, ToolMissing
@@ -332,3 +333,20 @@ def stream_stdout(proc: subprocess.Popen[bytes], on_stdout: Callable[[bytes], ob
     reader.join()
     proc.wait()
     return err[0] if err else b""
+
+
+class Stopped(Exception):
+    """SIGTERM: a foreground service leaves its loop the same way Ctrl-C does, so `spawn`
+    stops and reaps its children on the way out."""
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Stopped
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

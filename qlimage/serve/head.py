@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
-from types import FrameType
 
 from qlimage import run
 from qlimage.atomic import write_text
@@ -117,22 +115,6 @@ def check_port_free(site: Site) -> None:
             ) from None
 
 
-class Stopped(Exception):
-    """SIGTERM: leave the serving loop the same way Ctrl-C does."""
-
-
-@contextmanager
-def sigterm_stops() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Stopped
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def serve(
     site: Site,
     *,
@@ -146,7 +128,7 @@ def serve(
     line naming it."""
     layout = require_configs(site)
     check_port_free(site)
-    with sigterm_stops(), ExitStack() as stack:
+    with run.sigterm_stops(), ExitStack() as stack:
         try:
             daemons = {
                 "dnsmasq": stack.enter_context(
@@ -163,7 +145,7 @@ def serve(
                     if proc.poll() is not None:
                         raise QlimageError(exit_message(layout, name, proc.returncode))
                 time.sleep(POLL)
-        except (KeyboardInterrupt, Stopped):
+        except (KeyboardInterrupt, run.Stopped):
             pass
     return 0
 

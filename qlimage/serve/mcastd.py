@@ -29,16 +29,14 @@ import json
 import math
 import re
 import selectors
-import signal
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 from qlimage import contract, run
@@ -525,22 +523,6 @@ class Server:
         self.sock.close()
 
 
-class Stopped(Exception):
-    pass
-
-
-@contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Stopped
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def serve(config: Config, until: Callable[[], bool] | None = None) -> None:
     daemon = Daemon(config)
     server = Server(daemon, listen(config))
@@ -551,10 +533,10 @@ def serve(config: Config, until: Callable[[], bool] | None = None) -> None:
         flush=True,
     )
     try:
-        with stop_on_sigterm():
+        with run.sigterm_stops():
             while until is None or not until():
                 server.step()
-    except (KeyboardInterrupt, Stopped):
+    except (KeyboardInterrupt, run.Stopped):
         pass
     finally:
         daemon.stop_all()

@@ -23,6 +23,7 @@ from typing import IO, Any
 from doit.exceptions import BaseFail, UnmetDependency
 from doit.reporter import ConsoleReporter
 
+from qlimage.atomic import clamp_served_dirs
 from qlimage.errors import TaskCrashed, TaskFailures
 from qlimage.image.publish import build_lock
 from qlimage.site import Site
@@ -162,6 +163,8 @@ def run_graph(
         named = GraphFiles()
         loader = ModuleTaskLoader(doit_namespace(site, named.wrap(tasks), reporter))
         status = DoitMain(loader).run(list(doit_args))
+        if runs_tasks(doit_args):
+            clamp_served_dirs()  # before the stamp: it records the directories' stat keys
         if on_success and not status and not reporter.crashes and not reporter.problems:
             on_success(named)
     reporter.raise_failures()
