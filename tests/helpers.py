@@ -482,3 +482,25 @@ def assert_no_sentinel_text(bootfiles: Path) -> None:
     for path in bootfiles.rglob("*"):
         if path.is_file() and not path.is_symlink() and path.stat().st_size < 1 << 20:
             assert SENTINEL_MARK not in path.read_bytes(), path
+
+
+# --- golden files ---------------------------------------------------------------------------
+
+UPDATE_GOLDEN = os.environ.get("QLIMAGE_UPDATE_GOLDEN") == "1"
+
+
+def check_golden(directory: Path, rendered: dict[str, str]) -> None:
+    """Compare every rendered file with directory/<name> (names may hold `/`); with
+    QLIMAGE_UPDATE_GOLDEN=1, rewrite the directory from `rendered` first."""
+    if UPDATE_GOLDEN:
+        shutil.rmtree(directory, ignore_errors=True)
+        for name, content in rendered.items():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            (directory / name).write_text(content)
+    assert directory.is_dir(), f"no golden files in {directory}; run with QLIMAGE_UPDATE_GOLDEN=1"
+    present = sorted(
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()
+    )
+    assert present == sorted(rendered)
+    for name, content in rendered.items():
+        assert content == (directory / name).read_text(), f"{name} differs from {directory / name}"

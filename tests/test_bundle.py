@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from helpers import (
     KEY_ECDSA,
     KEY_ED25519,
     UID,
+    check_golden,
     edit,
     make_site,
     render,
@@ -39,7 +39,6 @@ from helpers import (
 )
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "bundle"
-UPDATE = os.environ.get("QLIMAGE_UPDATE_GOLDEN") == "1"
 GOLDEN_HOSTS = ("beo-01", "beo-02", "beo-05")
 
 
@@ -669,21 +668,6 @@ def golden_outputs(b: Bundle) -> dict[str, str]:
         assert compact.encode() == qb.bundle_json(b)
         out["bundle.json"] = json.dumps(doc, sort_keys=True, indent=2) + "\n"
     return out
-
-
-def check_golden(directory: Path, rendered: dict[str, str]) -> None:
-    if UPDATE:
-        shutil.rmtree(directory, ignore_errors=True)
-        for name, content in rendered.items():
-            (directory / name).parent.mkdir(parents=True, exist_ok=True)
-            (directory / name).write_text(content)
-    assert directory.is_dir(), f"no golden files in {directory}; run with QLIMAGE_UPDATE_GOLDEN=1"
-    present = sorted(
-        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()
-    )
-    assert present == sorted(rendered)
-    for name, content in rendered.items():
-        assert content == (directory / name).read_text(), f"{name} differs from {directory / name}"
 
 
 @pytest.mark.parametrize("name", GOLDEN_HOSTS)

@@ -11,7 +11,6 @@ and review the diff (`git diff tests/golden`) before committing it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,30 +23,16 @@ from qlimage.layout import Layout
 from qlimage.site import BootConfig, Site, load_site
 from qlimage.templates import UnsafeValue
 
-from helpers import assert_refused, qlimage, write_site
+from helpers import assert_refused, check_golden, qlimage, write_site
 
 SiteFactory = Callable[..., Path]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "grub"
-UPDATE = os.environ.get("QLIMAGE_UPDATE_GOLDEN") == "1"
 PORT = 8470
 
 
 @pytest.fixture
 def site(site_factory: SiteFactory) -> Site:
     return load_site(site_factory(port=PORT))
-
-
-def check_golden(directory: Path, rendered: dict[str, str]) -> None:
-    if UPDATE:
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in set(os.listdir(directory)) - rendered.keys():
-            (directory / stale).unlink()
-        for name, text in rendered.items():
-            (directory / name).write_text(text)
-    assert directory.is_dir(), f"no golden files in {directory}; run with QLIMAGE_UPDATE_GOLDEN=1"
-    assert sorted(os.listdir(directory)) == sorted(rendered)
-    for name, text in rendered.items():
-        assert text == (directory / name).read_text(), f"{name} differs from {directory / name}"
 
 
 def script_check(text: str, tmp_path: Path) -> None:

@@ -22,25 +22,11 @@ from qlimage.boot import pxelinux as pxe
 from qlimage.errors import ConfigError, ToolMissing
 from qlimage.site import BootConfig, Site, load_site
 
+from helpers import check_golden
+
 SiteFactory = Callable[..., Path]
 GOLDEN = Path(__file__).resolve().parent / "golden"
-UPDATE = os.environ.get("QLIMAGE_UPDATE_GOLDEN") == "1"
 PORT = 8470
-
-
-def check_golden(directory: Path, rendered: dict[str, str]) -> None:
-    """Compare every rendered file with directory/<name>; rewrite them all when UPDATE."""
-    if UPDATE:
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in set(os.listdir(directory)) - rendered.keys():
-            (directory / stale).unlink()
-        for name, text in rendered.items():
-            (directory / name).write_text(text)
-    assert directory.is_dir(), f"no golden files in {directory}; run with QLIMAGE_UPDATE_GOLDEN=1"
-    assert sorted(os.listdir(directory)) == sorted(rendered)
-    for name, text in rendered.items():
-        expected = (directory / name).read_text()
-        assert text == expected, f"{name} differs from {directory / name}"
 
 
 @pytest.fixture

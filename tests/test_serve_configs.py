@@ -12,7 +12,6 @@ and review the diff (`git diff tests/golden`) before committing it.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import subprocess
 import uuid
@@ -26,11 +25,10 @@ from qlimage.layout import Layout
 from qlimage.serve import dnsmasq, head, nginx
 from qlimage.site import Site, load_site
 
-from helpers import REPO, assert_refused, edit, qlimage, write_site
+from helpers import REPO, assert_refused, check_golden, edit, qlimage, write_site
 
 SiteFactory = Callable[..., Path]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "head"
-UPDATE = os.environ.get("QLIMAGE_UPDATE_GOLDEN") == "1"
 PORT = 8470
 HEAD = "10.0.2.2"
 WAIT = 20.0  # seconds: the longest any command here may take
@@ -68,19 +66,6 @@ def golden_text(site: Site, text: str) -> str:
 
 def rendered(site: Site) -> dict[str, str]:
     return {p.name: golden_text(site, t) for p, t in head.configs(site).items()}
-
-
-def check_golden(directory: Path, files: dict[str, str]) -> None:
-    if UPDATE:
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in set(os.listdir(directory)) - files.keys():
-            (directory / stale).unlink()
-        for name, text in files.items():
-            (directory / name).write_text(text)
-    assert directory.is_dir(), f"no golden files in {directory}; run with QLIMAGE_UPDATE_GOLDEN=1"
-    assert sorted(os.listdir(directory)) == sorted(files)
-    for name, text in files.items():
-        assert text == (directory / name).read_text(), f"{name} differs from {directory / name}"
 
 
 def directives(text: str) -> list[str]:
