@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -87,3 +88,35 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         )
         sys.exit(EXIT_BUG)
     sys.exit(status)
+
+
+# The seed's own command names: `qlustar-image-edit ARGS` is `qlimage edit ARGS`.
+SEED_COMMANDS = {"qlustar-image-edit": "edit", "qlustar-image-reconfigure": "reconfigure"}
+GLOBAL_FLAGS = ("--debug",)
+GLOBAL_VALUES = ("-C", "--site")
+
+
+def seed_argv(verb: str, argv: Sequence[str]) -> list[str]:
+    """qlimage's argument list for a seed command: the global options (`-C DIR`, `--site=DIR`,
+    `--debug`) may come anywhere; the site defaults to $QLIMAGE_SITE, else the current
+    directory, as for qlimage."""
+    front = ["-C", os.environ.get("QLIMAGE_SITE", ".")]
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if arg in GLOBAL_FLAGS:
+            front.append(arg)
+        elif name in GLOBAL_VALUES and eq:
+            front += ["-C", value]
+        elif arg in GLOBAL_VALUES:
+            front += ["-C", next(args, "")]
+        else:
+            rest.append(arg)
+    return [*front, verb, *rest]
+
+
+def seed_main() -> NoReturn:
+    """Entry point of the console scripts named after the seed's commands."""
+    prog = os.path.basename(sys.argv[0])
+    main(seed_argv(SEED_COMMANDS[prog], sys.argv[1:]))
