@@ -12,6 +12,9 @@ import pytest
 
 from helpers import clone_built_site, make_sentinel, qlimage, write_site
 
+# The fake node's fixtures (nodefs, node_env, head, commands) for the runner's unit tests.
+pytest_plugins = ("fake_node",)
+
 
 @pytest.fixture(scope="session")
 def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -504,3 +504,82 @@ def check_golden(directory: Path, rendered: dict[str, str]) -> None:
     assert present == sorted(rendered)
     for name, content in rendered.items():
         assert content == (directory / name).read_text(), f"{name} differs from {directory / name}"
+
+
+BUNDLE_GOLDEN = Path(__file__).resolve().parent / "golden" / "bundle"
+
+
+def golden_outputs(b: Bundle) -> dict[str, str]:
+    """{golden file name: text}: each generated (non-rootfs) file under files/<node path>,
+    the symlinks and actions in links.txt and actions.json, and describe()."""
+    out: dict[str, str] = {}
+    links = []
+    for f in b.files:
+        if f.origin.startswith("rootfs "):
+            continue
+        if f.type == "file":
+            out["files" + f.path] = f.content.decode()
+        elif f.type == "symlink":
+            links.append(f"{f.path} -> {f.target}\n")
+    out["links.txt"] = "".join(links)
+    out["actions.json"] = json.dumps([dict(a) for a in b.actions], indent=2) + "\n"
+    out["describe.txt"] = qb.describe(b)
+    if not any(f.origin.startswith("rootfs ") for f in b.files):
+        # Indented for reviewable diffs; the canonical bytes are its compact form.
+        doc = json.loads(qb.bundle_json(b))
+        compact = json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n"
+        assert compact.encode() == qb.bundle_json(b)
+        out["bundle.json"] = json.dumps(doc, sort_keys=True, indent=2) + "\n"
+    return out
+
+
+# --- commands of the network tests --------------------------------------------------------
+
+HEAD = "10.0.2.2"  # the head address of the test sites (and of QEMU's user network)
+SH_TIMEOUT = 20.0  # seconds: the longest any `sh` command may take
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=SH_TIMEOUT, check=check)
+
+
+# Hosts with the time, sssd and nis options (goldens in golden/bundle/beo-09 .. beo-11).
+OPTIONS_HOSTS_TOML = """\
+[[hosts]]
+name = "beo-09"
+mac = "52:54:00:12:34:5e"
+image = "demo"
+networks.boot = "10.0.2.23"
+[hosts.options]
+time = { servers = ["ntp1.example.org", "10.0.2.3"] }
+nis = { domain = "hpc", servers = ["nis1", "10.0.2.4"] }
+[hosts.options.sssd]
+domain = "example.org"
+uris = ["ldaps://ldap1.example.org", "ldaps://ldap2.example.org:636"]
+search_base = "dc=example,dc=org"
+tls_cacert = "/etc/ssl/certs/site-ca.pem"
+access_filter = "(memberOf=cn=hpc,ou=groups,dc=example,dc=org)"
+mkhomedir = true
+
+[[hosts]]
+name = "beo-10"
+mac = "52:54:00:12:34:5f"
+image = "demo"
+networks.boot = "10.0.2.24"
+[hosts.options]
+time = { enabled = false }
+nis = { domain = "hpc", servers = ["10.0.2.4"] }
+
+[[hosts]]
+name = "beo-11"
+mac = "52:54:00:12:34:60"
+image = "demo"
+networks.boot = "10.0.2.25"
+[hosts.options]
+time = { sync_at_boot = false }
+[hosts.options.sssd]
+provider = "ad"
+domain = "ad.example.org"
+uris = ["ldap://dc1.ad.example.org"]
+search_base = "dc=ad,dc=example,dc=org"
+"""

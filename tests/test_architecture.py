@@ -123,3 +123,15 @@ def test_commands_hold_no_logic() -> None:
         functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
         assert "register" in {f.name for f in functions}, verb
         assert not [n for n in tree.body if isinstance(n, ast.ClassDef)], verb
+
+
+def test_tests_share_code_through_helpers_not_through_each_other() -> None:
+    """A test module imported by another runs its module-level code and fixtures twice and
+    ties the two together: shared code lives in helpers.py, fake_node.py or conftest.py."""
+    offenders = {}
+    for path in Path(__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        offenders[path.name] = sorted(n for n in names if n.split(".")[0].startswith("test_"))
+    assert {k: v for k, v in offenders.items() if v} == {}

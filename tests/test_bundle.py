@@ -30,15 +30,19 @@ from helpers import (
     BUNDLE_IMAGES,
     KEY_ECDSA,
     KEY_ED25519,
+    OPTIONS_HOSTS_TOML,
     UID,
     check_golden,
     edit,
+    golden_outputs,
     make_site,
     render,
     write,
 )
+from helpers import (
+    BUNDLE_GOLDEN as GOLDEN,
+)
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "bundle"
 GOLDEN_HOSTS = ("beo-01", "beo-02", "beo-05")
 
 
@@ -646,30 +650,6 @@ def test_files_are_sorted_directories_first(site: Site) -> None:
 # --- goldens --------------------------------------------------------------------------------
 
 
-def golden_outputs(b: Bundle) -> dict[str, str]:
-    """{golden file name: text}: each generated (non-rootfs) file under files/<node path>,
-    the symlinks and actions in links.txt and actions.json, and describe()."""
-    out: dict[str, str] = {}
-    links = []
-    for f in b.files:
-        if f.origin.startswith("rootfs "):
-            continue
-        if f.type == "file":
-            out["files" + f.path] = f.content.decode()
-        elif f.type == "symlink":
-            links.append(f"{f.path} -> {f.target}\n")
-    out["links.txt"] = "".join(links)
-    out["actions.json"] = json.dumps([dict(a) for a in b.actions], indent=2) + "\n"
-    out["describe.txt"] = qb.describe(b)
-    if not any(f.origin.startswith("rootfs ") for f in b.files):
-        # Indented for reviewable diffs; the canonical bytes are its compact form.
-        doc = json.loads(qb.bundle_json(b))
-        compact = json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n"
-        assert compact.encode() == qb.bundle_json(b)
-        out["bundle.json"] = json.dumps(doc, sort_keys=True, indent=2) + "\n"
-    return out
-
-
 @pytest.mark.parametrize("name", GOLDEN_HOSTS)
 def test_golden_files(site: Site, name: str) -> None:
     check_golden(GOLDEN / name, golden_outputs(render(site, name)))
@@ -704,8 +684,6 @@ def test_goldens_cover_every_template(site: Site) -> None:
         "defaultdomain": "/etc/defaultdomain",
     }
     # sssd and nis: the goldens of test_options_time_sssd_nis.py.
-    from test_options_time_sssd_nis import OPTIONS_HOSTS_TOML
-
     extra = load_site(
         make_site(Path(site.paths.root).parent / "options", extra_hosts=OPTIONS_HOSTS_TOML)
     )

@@ -85,6 +85,18 @@ def test_untouched_site_answers_without_doit_jsonschema_or_jinja(site: Path) -> 
     assert not imported & {"doit", "jsonschema", "jinja2"}
 
 
+def test_version_control_and_tool_caches_are_no_inputs(site: Path) -> None:
+    # They exist before the build (a new entry in the site root is a change like any other).
+    names = (".git", ".venv", ".ruff_cache")
+    for name in names:
+        (site / name / "objects").mkdir(parents=True, exist_ok=True)
+    stamped(site)
+    for name in names:
+        (site / name / "objects/new").write_text("a commit, a pip install\n")
+        (site / name / "objects/more").mkdir()
+    assert NOTHING in build(site).stdout
+
+
 def test_site_file_change_is_built(site: Path) -> None:
     stamped(site)
     path = site / "site.toml"

@@ -13,19 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_bundle import GOLDEN, check_golden, golden_outputs
-from test_noderunner import (  # noqa: F401 (node_env: the fake node's users, autouse)
-    Commands,
-    Head,
-    as_root,
-    console_lines,
-    fake_node,
-    node_env,
-    node_mode,
-    node_owner,
-    node_read,
-    run_node,
-)
 
 from qlimage.bundle import render as qb
 from qlimage.bundle.render import Bundle, NodeFile
@@ -37,47 +24,28 @@ from qlimage.node.runner.main import EXIT_OK
 from qlimage.node.runner.report import Reporter
 from qlimage.site import Site, load_site
 
-from helpers import make_site, render
+from fake_node import (
+    Commands,
+    Head,
+    as_root,
+    console_lines,
+    fake_node,
+    node_mode,
+    node_owner,
+    node_read,
+    run_node,
+)
+from helpers import (
+    BUNDLE_GOLDEN,
+    OPTIONS_HOSTS_TOML,
+    check_golden,
+    golden_outputs,
+    make_site,
+    render,
+)
 
-OPTIONS_HOSTS_TOML = """\
-[[hosts]]
-name = "beo-09"
-mac = "52:54:00:12:34:5e"
-image = "demo"
-networks.boot = "10.0.2.23"
-[hosts.options]
-time = { servers = ["ntp1.example.org", "10.0.2.3"] }
-nis = { domain = "hpc", servers = ["nis1", "10.0.2.4"] }
-[hosts.options.sssd]
-domain = "example.org"
-uris = ["ldaps://ldap1.example.org", "ldaps://ldap2.example.org:636"]
-search_base = "dc=example,dc=org"
-tls_cacert = "/etc/ssl/certs/site-ca.pem"
-access_filter = "(memberOf=cn=hpc,ou=groups,dc=example,dc=org)"
-mkhomedir = true
+pytestmark = pytest.mark.usefixtures("node_env")
 
-[[hosts]]
-name = "beo-10"
-mac = "52:54:00:12:34:5f"
-image = "demo"
-networks.boot = "10.0.2.24"
-[hosts.options]
-time = { enabled = false }
-nis = { domain = "hpc", servers = ["10.0.2.4"] }
-
-[[hosts]]
-name = "beo-11"
-mac = "52:54:00:12:34:60"
-image = "demo"
-networks.boot = "10.0.2.25"
-[hosts.options]
-time = { sync_at_boot = false }
-[hosts.options.sssd]
-provider = "ad"
-domain = "ad.example.org"
-uris = ["ldap://dc1.ad.example.org"]
-search_base = "dc=ad,dc=example,dc=org"
-"""
 OPTIONS_HOSTS = ("beo-09", "beo-10", "beo-11")
 
 
@@ -167,7 +135,7 @@ def test_nis_files(site: Site) -> None:
 
 @pytest.mark.parametrize("name", OPTIONS_HOSTS)
 def test_golden_files(site: Site, name: str) -> None:
-    check_golden(GOLDEN / name, golden_outputs(render(site, name)))
+    check_golden(BUNDLE_GOLDEN / name, golden_outputs(render(site, name)))
 
 
 def test_preview_shows_the_options(site: Site) -> None:

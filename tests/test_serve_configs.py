@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,13 +24,11 @@ from qlimage.layout import Layout
 from qlimage.serve import dnsmasq, head, nginx
 from qlimage.site import Site, load_site
 
-from helpers import REPO, assert_refused, check_golden, edit, qlimage, write_site
+from helpers import HEAD, REPO, assert_refused, check_golden, edit, qlimage, sh, write_site
 
 SiteFactory = Callable[..., Path]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "head"
 PORT = 8470
-HEAD = "10.0.2.2"
-WAIT = 20.0  # seconds: the longest any command here may take
 
 # Extra [head] settings and a boot network without gateway but with an MTU: the other branches.
 OPTIONS = (
@@ -40,10 +37,6 @@ OPTIONS = (
     'dns = ["10.0.2.53", "10.0.2.54"]\n'
     "serve_dns = true\n"
 )
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=WAIT, check=check)
 
 
 @contextlib.contextmanager

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_serve_configs import HEAD, sh
 
 from qlimage import contract
 from qlimage.layout import Layout
 from qlimage.serve import nginx
 
-from helpers import REPO, qlimage, write_site
+from helpers import HEAD, REPO, qlimage, sh, write_site
 
 PORT = 8480
 REGISTERED = ("52:54:00:12:34:56", "10.0.2.15", "beo-01")

@@ -46,6 +46,10 @@ MARGIN_NS = 2_000_000_000
 ENV = ("SOURCE_DATE_EPOCH", "HOME")
 # Never inputs: byte code is rewritten by the interpreter whenever it likes.
 SKIPPED_NAMES = frozenset({"__pycache__"})
+# Never inputs either, directly below the site root: version control, the virtual environment
+# and the tools' caches (a site kept in git changes .git with every commit). Only there: an
+# overlay may well carry a `.git` directory into an image.
+SKIPPED_AT_ROOT = (".git", ".venv", ".pytest_cache", ".mypy_cache", ".ruff_cache")
 # Packages whose code decides what the graph writes, besides qlimage itself.
 LIBRARIES = ("doit", "jinja2", "jsonschema", "markupsafe")
 # State files below bootfiles/ that come and go with every command (or are mere caches).
@@ -206,7 +210,7 @@ def plan_of(site: Site, targets: Iterable[str], file_dep: Iterable[str]) -> dict
     directories = {d for t in targets for d in (os.path.dirname(t), parent_of_parent(t))}
     return {
         "trees": [str(t) for t in trees] + [c for c in code if c],
-        "skipped": [str(p.bootfiles), str(p.cache)],
+        "skipped": [str(p.bootfiles), str(p.cache)] + [str(p.root / n) for n in SKIPPED_AT_ROOT],
         "files": [str(f) for f in files if f],
         "file_dep": sorted(set(file_dep)),
         "root": str(p.root),
