@@ -8,8 +8,8 @@ PACKAGES="python3 python3-venv squashfs-tools cpio dpkg-dev kmod gzip xz-utils z
   pxelinux syslinux-common syslinux-utils qemu-system-x86 ipxe-qemu gpgv debian-archive-keyring
   dnsmasq-base udpcast systemd ifupdown openssh-client diffoscope-minimal fdisk e2fsprogs
   xfsprogs util-linux mount nfs-ganesha nfs-ganesha-vfs busybox-static nginx
-  sssd-tools sssd-common chrony
-  ovmf sbsigntool grub-common"
+  sssd-tools sssd-common chrony whois
+  ovmf sbsigntool grub-common nftables"
 
 missing=""
 for p in $PACKAGES; do

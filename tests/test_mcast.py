@@ -9,6 +9,7 @@ every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -335,7 +336,7 @@ class Bed:
     nodes: list[str]  # receiver namespaces, addresses 10.78.0.11 ...
 
 
-NODES = 5
+NODES = 8  # the receivers of the bed: one shared session must serve all of them
 HEAD = "10.78.0.1"
 
 
@@ -381,12 +382,25 @@ class Daemon:
 
 @pytest.fixture
 def daemon(bed: Bed, tmp_path: Path) -> Iterator[Daemon]:
+    with run_daemon(bed, tmp_path, "600m") as d:
+        yield d
+
+
+@pytest.fixture
+def slow_daemon(bed: Bed, tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon whose sessions take seconds (8 MiB at 24 Mbit/s): time to kill a receiver."""
+    with run_daemon(bed, tmp_path, "24m") as d:
+        yield d
+
+
+@contextlib.contextmanager
+def run_daemon(bed: Bed, tmp_path: Path, bitrate: str) -> Iterator[Daemon]:
     images = tmp_path / "images"
     publish(images, os.urandom(8 * 2**20))
     cfg = {
         "format": 1, "address": HEAD, "port": 5000, "images": str(images),
         "group_base": "232.9.0.0", "groups": 8, "data_port_first": 6001,
-        "data_port_last": 6099, "window": 2, "max_bitrate": "600m", "clients": ["10.78.0.0/24"],
+        "data_port_last": 6099, "window": 2, "max_bitrate": bitrate, "clients": ["10.78.0.0/24"],
     }  # fmt: skip
     path = tmp_path / "mcastd.json"
     path.write_text(json.dumps(cfg))
@@ -420,10 +434,11 @@ def mcastd_python() -> str:
 
 
 def client(ns: str, out: Path, server: str = f"{HEAD}:5000") -> subprocess.Popen[str]:
-    """The initrd's client, run by busybox sh like /init runs it."""
+    """The initrd's client, run by busybox sh like /init runs it (in a process group of its
+    own, so a test can kill it with its udp-receiver like a node that dies)."""
     return subprocess.Popen(
         ["ip", "netns", "exec", ns, BUSYBOX, "sh", str(CLIENT), server, IMAGE, GEN, str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
 
 
@@ -453,11 +468,11 @@ def test_receivers_in_one_window_share_one_session(
     bed: Bed, daemon: Daemon, tmp_path: Path
 ) -> None:
     image = (tmp_path / "images" / IMAGE / GEN / contract.image_file(IMAGE)).read_bytes()
-    outs = [tmp_path / f"r{i}.img" for i in range(3)]
-    results = finish([client(ns, out) for ns, out in zip(bed.nodes[:3], outs, strict=True)])
+    outs = [tmp_path / f"r{i}.img" for i in range(NODES)]
+    results = finish([client(ns, out) for ns, out in zip(bed.nodes, outs, strict=True)])
     assert all(code == 0 for code, _ in results), results
     (session,) = wait_sessions(daemon, 1)
-    assert session["receivers"] == "3" and session["status"] == "ok", session
+    assert session["receivers"] == str(NODES) and session["status"] == "ok", session
     assert session["bytes"] == str(len(image))
     assert all(out.read_bytes() == image for out in outs)
 
@@ -478,6 +493,26 @@ def test_receiver_after_the_window_gets_a_later_session(
         sessions[0]["group"] != sessions[1]["group"] or sessions[0]["port"] != sessions[1]["port"]
     )
     assert all(out.read_bytes() == image for out in outs)
+
+
+def test_receiver_killed_mid_transfer_does_not_stall_the_others(
+    bed: Bed, slow_daemon: Daemon, tmp_path: Path
+) -> None:
+    image = (tmp_path / "images" / IMAGE / GEN / contract.image_file(IMAGE)).read_bytes()
+    outs = [tmp_path / f"r{i}.img" for i in range(4)]
+    procs = [client(ns, out) for ns, out in zip(bed.nodes[:4], outs, strict=True)]
+    victim = procs.pop()
+    deadline = time.monotonic() + WAIT
+    while not (outs[-1].exists() and 0 < outs[-1].stat().st_size < len(image) // 2):
+        assert victim.poll() is None and time.monotonic() < deadline, "no transfer under way"
+        time.sleep(0.05)
+    os.killpg(victim.pid, 9)  # the node dies with its udp-receiver, mid-stream
+    victim.wait()
+    results = finish(procs)
+    assert all(code == 0 for code, _ in results), results
+    assert all(out.read_bytes() == image for out in outs[:-1])
+    (session,) = wait_sessions(slow_daemon, 1)
+    assert session["receivers"] == "4" and session["status"] == "ok", session
 
 
 def test_client_fails_fast_without_a_daemon(bed: Bed, tmp_path: Path) -> None:
@@ -563,6 +598,35 @@ def test_daemon_down_falls_back_to_http(bed: Bed, http: Path, tmp_path: Path) ->
     assert "qlustar: multicast: no answer from ql-mcastd" in out, out
     assert "multicast failed, falling back to unicast" in out
     assert time.monotonic() - start < 15
+    assert img.read_bytes() == http.read_bytes()
+
+
+@contextlib.contextmanager
+def multicast_blocked(ns: str, work: Path) -> Iterator[None]:
+    """A switch that drops multicast, seen from one node: nothing to or from 224.0.0.0/4
+    reaches or leaves its namespace (the daemon's TCP control still does)."""
+    rules = work / "block-multicast.nft"
+    rules.write_text(
+        "table inet qlt {\n"
+        "  chain i { type filter hook input priority 0; ip daddr 224.0.0.0/4 drop; }\n"
+        "  chain o { type filter hook output priority 0; ip daddr 224.0.0.0/4 drop; }\n"
+        "}\n"
+    )
+    sh("ip", "netns", "exec", ns, "nft", "-f", str(rules))
+    try:
+        yield
+    finally:
+        sh("ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "qlt", check=False)
+
+
+def test_multicast_blocked_falls_back_to_http(
+    bed: Bed, daemon: Daemon, http: Path, tmp_path: Path
+) -> None:
+    with multicast_blocked(bed.nodes[3], tmp_path):
+        out, img = run_seam(bed, tmp_path, f"{HEAD}:5000")
+    assert "qlustar: multicast: session 1:" in out, out  # the daemon answered ...
+    assert "qlustar: multicast: udp-receiver failed" in out, out  # ... no stream came
+    assert "multicast failed, falling back to unicast" in out
     assert img.read_bytes() == http.read_bytes()
 
 
