@@ -12,8 +12,11 @@ No other module spells a path below bootfiles/; the names a node fetches come fr
     qlustar/images/<image>/<gen>/    <image>.img, .sha256, modules.json; `current`, `history`
     qlustar/nodes/<mac>              link to the node's generation: what the runner fetches
     qlustar/nodes/.<mac>.<digest>/   bundle.json + .sha256, chroot: one node generation
-    head/                            dnsmasq.conf, nginx.conf: the head services' configs
+    head/                            dnsmasq.conf, nginx.conf: the head services' configs;
+                                     qlimage-serve.service: the systemd unit that runs them
     head/run/                        what `qlimage serve` writes: pids, leases, logs, nginx temp
+    head/ssh/                        ssh_known_hosts, shosts.equiv: header plus managed hosts
+    head/exports.d/                  qlustar-chroots.exports: the NFS exports of the chroots
     kernel/                          the unpacked kernel package and kernel.json
     stage/<image>/, <image>.manifest the staged root tree of each image
     manifests/                       doit's view of source trees (modules, overlays)
@@ -75,7 +78,13 @@ class Layout:
         self.head = b / "head"
         self.dnsmasq_conf = self.head / "dnsmasq.conf"
         self.nginx_conf = self.head / "nginx.conf"
+        self.serve_unit = self.head / "qlimage-serve.service"  # systemd unit of `qlimage serve`
         self.head_run = self.head / "run"
+        self.ssh_dir = self.head / "ssh"  # the cluster's SSH host files (public: nodes get them)
+        self.ssh_known_hosts = self.ssh_dir / "ssh_known_hosts"
+        self.shosts_equiv = self.ssh_dir / "shosts.equiv"
+        # The head's /etc/exports.d/ part for the chroots it serves (an admin links or copies it).
+        self.chroot_exports = self.head / "exports.d" / "qlustar-chroots.exports"
 
     @property
     def vmlinuz(self) -> Path:

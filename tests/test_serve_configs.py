@@ -12,7 +12,9 @@ and review the diff (`git diff tests/golden`) before committing it.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ import pytest
 
 from qlimage.errors import QlimageError
 from qlimage.layout import Layout
-from qlimage.serve import dnsmasq, head, nginx
+from qlimage.serve import dnsmasq, head, nginx, unit
 from qlimage.site import Site, load_site
 
 from helpers import HEAD, REPO, assert_refused, check_golden, edit, qlimage, sh, write_site
@@ -54,7 +56,7 @@ def namespace(*addresses: str) -> Iterator[str]:
 
 
 def golden_text(site: Site, text: str) -> str:
-    return text.replace(str(site.paths.root), "/SITE")
+    return text.replace(str(site.paths.root), "/SITE").replace(sys.executable, "/PYTHON")
 
 
 def rendered(site: Site) -> dict[str, str]:
@@ -279,6 +281,34 @@ def test_bootfiles_path_configs_cannot_carry_is_refused(tmp_path: Path, path: st
     edit(root / "site.toml", "[networks.boot]", f'[paths]\nbootfiles = "{path}"\n\n[networks.boot]')
     proc = assert_refused(root, names="site.toml")
     assert ".paths.bootfiles" in proc.stderr
+
+
+def test_systemd_unit_runs_serve_for_this_site(site: Site) -> None:
+    text = unit.render(site)
+    assert f"ExecStart={sys.executable} -m qlimage -C {site.paths.root} serve\n" in text
+    assert f"# Install once: systemctl link {Layout(site).serve_unit}\n" in text
+
+
+@pytest.mark.parametrize("name", ["100% demo", "a\\", "x;y $HOME"])
+def test_systemd_verify_accepts_the_unit(
+    site_factory: SiteFactory, tmp_path: Path, name: str
+) -> None:
+    root = site_factory(port=PORT)
+    edit(root / "site.toml", 'name = "test"', f"name = {json.dumps(name)}")
+    site = load_site(root)
+    path = tmp_path / "qlimage-serve.service"
+    path.write_text(unit.render(site))
+    proc = sh("systemd-analyze", "verify", str(path), check=False)
+    assert proc.returncode == 0 and proc.stderr == "", proc
+    assert (
+        f'Description=qlimage boot services of site "{name.replace("%", "%%")}":'
+        in path.read_text()
+    )
+
+
+def test_unit_refuses_an_interpreter_path_systemd_would_split(site: Site) -> None:
+    with pytest.raises(QlimageError, match="cannot appear"):
+        unit.render(site, python="/opt/my venv/bin/python")
 
 
 def test_serve_without_built_configs_is_refused(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""The head's boot services for a site: dnsmasq (DHCP, TFTP) and nginx (HTTP).
+"""The head's boot services for a site: dnsmasq (DHCP, TFTP), nginx (HTTP), ql-mcastd.
 
-`configs` renders both (the `headconfig` tasks write them below bootfiles/head/); `check` runs
+`configs` renders their configs and the systemd unit that runs `qlimage serve` (the
+`headconfig` task writes them below bootfiles/head/); `check` runs
 the daemons' own config tests; `serve` runs both in the foreground until SIGINT or SIGTERM and
 always stops and reaps them.
 """
@@ -20,7 +21,7 @@ from qlimage import run
 from qlimage.atomic import write_text
 from qlimage.errors import QlimageError
 from qlimage.layout import Layout
-from qlimage.serve import dnsmasq, mcastd, nginx
+from qlimage.serve import dnsmasq, mcastd, nginx, unit
 from qlimage.site import Site
 
 POLL = 0.2  # seconds between checks that both daemons still run
@@ -34,6 +35,7 @@ def configs(site: Site) -> dict[Path, str]:
         layout.dnsmasq_conf: dnsmasq.render(site),
         layout.nginx_conf: nginx.render(site),
         mcastd.config_path(site): mcastd.render(site),
+        layout.serve_unit: unit.render(site),
     }
 
 
