@@ -21,6 +21,7 @@ from pathlib import Path
 
 from qlimage.bundle import render as qb
 from qlimage.bundle.render import Bundle
+from qlimage.layout import DOIT_STATE
 from qlimage.site import Site
 
 # --- running qlimage -----------------------------------------------------------------------------
@@ -438,6 +439,14 @@ def clone_built_site(template: Path, dest: Path) -> Path:
             shutil.copy2(src, dst)
 
     shutil.copytree(template, dest, symlinks=True, copy_function=copy)
+    # doit's state names every file by its absolute path: moved to the copy's, the copy's first
+    # build checks its inputs instead of rebuilding everything (minutes per test otherwise).
+    state = dest / "bootfiles" / DOIT_STATE
+    if state.exists():
+        text = state.read_text()
+        state.write_text(
+            text.replace(json.dumps(f"{template}/")[1:-1], json.dumps(f"{dest}/")[1:-1])
+        )
     return dest
 
 
@@ -583,3 +592,74 @@ domain = "ad.example.org"
 uris = ["ldap://dc1.ad.example.org"]
 search_base = "dc=ad,dc=example,dc=org"
 """
+
+
+# --- an NFS chroot for boot tests (test_boot.py, test_chroot_cmd.py) --------------------------
+# Appended as a section: helpers.py grows at its end, so these imports stay here.
+
+import contextlib  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+GANESHA_CONF = """
+NFS_CORE_PARAM {{ Protocols = 4; NFS_Port = {port}; Bind_addr = 127.0.0.1;
+                 Enable_NLM = false; Enable_RQUOTA = false; }}
+NFSV4 {{ Graceless = true; Only_Numeric_Owners = true; }}
+EXPORT {{ Export_Id = 101; Path = {path}; Pseudo = /chroot; Access_Type = RO;
+          Squash = No_Root_Squash; SecType = sys; Protocols = 4; Transports = TCP;
+          FSAL {{ Name = VFS; }} }}
+"""
+
+
+@contextlib.contextmanager
+def nfs_server(tree: Path, work: Path, port: int | None = None) -> Iterator[int]:
+    """A real NFSv4 server (nfs-ganesha, user space) exporting `tree` as /chroot on loopback:
+    QEMU's user network hands the guest's connections to the head address to it. `port`: one
+    the caller picked (free_port) and already wrote into a chroot definition."""
+    port = port or free_port()
+    conf = work / "ganesha.conf"
+    conf.write_text(GANESHA_CONF.format(port=port, path=tree))
+    log = work / "ganesha.log"
+    cmd = ["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(log), "-p", str(work / "pid")]
+    proc = subprocess.Popen([*cmd, "-N", "NIV_EVENT"])
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def chroot_node(root: Path, port: int, chroot: str = "base") -> Iterator[None]:
+    """A node whose own chroot option names an NFS chroot, for the length of one test. Without
+    a definition of `chroot`, one for the server on `port` is written (and removed after);
+    an existing one (`qlimage chroot create`) is used as it is."""
+    definition = root / f"chroots/{chroot}/chroot.toml"
+    written = not definition.exists()
+    if written:
+        definition.parent.mkdir(parents=True, exist_ok=True)
+        definition.write_text(f'export = "/chroot"\nport = {port}\ndescription = "test chroot"\n')
+    nodes = root / "nodes.d/cluster.toml"
+    saved = nodes.read_text()
+    try:
+        nodes.write_text(saved + CHROOT_HOST.replace('"base"', json.dumps(chroot)))
+        qlimage("-C", str(root), "build")
+        yield
+    finally:
+        nodes.write_text(saved)
+        if written:
+            definition.unlink()
+        qlimage("-C", str(root), "build")
+
+
+CHROOT_HOST = (
+    '\n[[hosts]]\nname = "chroot-01"\nmac = "52:54:00:aa:00:02"\nimage = "demo"\n'
+    'networks.boot = "10.0.2.41"\noptions = { chroot = "base", rootfs = ["tweaks"] }\n'
+)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +13,7 @@ from qlimage.layout import Layout
 from qlimage.serve import vm
 from qlimage.site import load_site
 
-from helpers import free_port, qlimage
+from helpers import chroot_node, nfs_server, qlimage
 
 pytestmark = [pytest.mark.boot, pytest.mark.network]
 
@@ -141,64 +138,6 @@ def test_unverifiable_bundle_leaves_node_unconfigured_but_usable(
     assert "qlustar: bundle applied" not in log
     assert "qlustar-test:" not in log  # no Root FS Customization script ran
     assert "qlustar: handing over to /sbin/init" in log
-
-
-GANESHA_CONF = """
-NFS_CORE_PARAM {{ Protocols = 4; NFS_Port = {port}; Bind_addr = 127.0.0.1;
-                 Enable_NLM = false; Enable_RQUOTA = false; }}
-NFSV4 {{ Graceless = true; Only_Numeric_Owners = true; }}
-EXPORT {{ Export_Id = 101; Path = {path}; Pseudo = /chroot; Access_Type = RO;
-          Squash = No_Root_Squash; SecType = sys; Protocols = 4; Transports = TCP;
-          FSAL {{ Name = VFS; }} }}
-"""
-
-
-@contextlib.contextmanager
-def nfs_server(tree: Path, work: Path) -> Iterator[int]:
-    """A real NFSv4 server (nfs-ganesha, user space) exporting `tree` as /chroot on loopback:
-    QEMU's user network hands the guest's connections to the head address to it."""
-    port = free_port()
-    conf = work / "ganesha.conf"
-    conf.write_text(GANESHA_CONF.format(port=port, path=tree))
-    log = work / "ganesha.log"
-    cmd = ["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(log), "-p", str(work / "pid")]
-    proc = subprocess.Popen([*cmd, "-N", "NIV_EVENT"])
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def chroot_node(root: Path, port: int) -> Iterator[None]:
-    """A node whose own chroot option names an NFS chroot, for the length of one test."""
-    definition = root / "chroots/base/chroot.toml"
-    definition.parent.mkdir(parents=True, exist_ok=True)
-    definition.write_text(f'export = "/chroot"\nport = {port}\ndescription = "test chroot"\n')
-    nodes = root / "nodes.d/cluster.toml"
-    saved = nodes.read_text()
-    try:
-        nodes.write_text(saved + CHROOT_HOST)
-        qlimage("-C", str(root), "build")
-        yield
-    finally:
-        nodes.write_text(saved)
-        definition.unlink()
-        qlimage("-C", str(root), "build")
-
-
-CHROOT_HOST = (
-    '\n[[hosts]]\nname = "chroot-01"\nmac = "52:54:00:aa:00:02"\nimage = "demo"\n'
-    'networks.boot = "10.0.2.41"\noptions = { chroot = "base", rootfs = ["tweaks"] }\n'
-)
 
 
 def test_node_chroot_is_mounted_in_the_union_slot(built_site: Path, tmp_path: Path) -> None:

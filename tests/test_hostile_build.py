@@ -239,7 +239,8 @@ def test_a_bug_inside_a_task_is_an_internal_error(
     def broken(*args: object) -> None:
         raise ZeroDivisionError("a bug in a task")
 
-    monkeypatch.setattr(recipes, "build_module", broken)  # module:core runs first in a copy
+    qlimage("-C", str(built_copy), "doit", "forget", "module:core")  # so that it runs
+    monkeypatch.setattr(recipes, "build_module", broken)
     before = served_listing(built_copy)
     status, out, err = run_cli("-C", str(built_copy), "build")
     assert status == 70, (out, err)
@@ -260,6 +261,7 @@ def test_debug_shows_the_traceback_of_a_bug_inside_a_task(
     def broken(*args: object) -> None:
         raise ZeroDivisionError("a bug in a task")
 
+    qlimage("-C", str(built_copy), "doit", "forget", "module:core")  # so that it runs
     monkeypatch.setattr(recipes, "build_module", broken)
     with pytest.raises(TaskCrashed):
         main(["--debug", "-C", str(built_copy), "build"])
@@ -397,19 +399,19 @@ def test_control_cache_hits_when_nothing_changed(
 
 def test_doit_forget_and_ignore(built_copy: Path) -> None:
     site = str(built_copy)
-    proc = qlimage("-C", site, "doit", "forget", "kernel")
-    assert (proc.stdout, proc.stderr) == ("forgetting kernel\n", ""), proc
-    # doit info exits 1 for a task that is not up to date: forgotten, the kernel task is not.
-    info = qlimage("-C", site, "doit", "info", "kernel", check=False)
+    proc = qlimage("-C", site, "doit", "forget", "ipxe")
+    assert (proc.stdout, proc.stderr) == ("forgetting ipxe\n", ""), proc
+    # doit info exits 1 for a task that is not up to date: forgotten, the ipxe task is not.
+    info = qlimage("-C", site, "doit", "info", "ipxe", check=False)
     assert info.returncode == 1 and "status     : run" in info.stdout, info
-    proc = qlimage("-C", site, "doit", "ignore", "kernel")
-    assert (proc.stdout, proc.stderr) == ("ignoring kernel\n", ""), proc
+    proc = qlimage("-C", site, "doit", "ignore", "ipxe")
+    assert (proc.stdout, proc.stderr) == ("ignoring ipxe\n", ""), proc
     out = qlimage("-C", site, "build").stdout
-    assert "!! kernel" in out, out  # ignored, so not run
-    qlimage("-C", site, "doit", "forget", "kernel")
+    assert "!! ipxe" in out, out  # ignored, so not run
+    qlimage("-C", site, "doit", "forget", "ipxe")
     out = qlimage("-C", site, "build").stdout
-    assert ".  kernel" in out, out  # forgotten and no longer ignored: it runs again
-    assert "status     : up-to-date" in qlimage("-C", site, "doit", "info", "kernel").stdout
+    assert ".  ipxe" in out, out  # forgotten and no longer ignored: it runs again
+    assert "status     : up-to-date" in qlimage("-C", site, "doit", "info", "ipxe").stdout
 
 
 def test_doit_info_and_list(built_copy: Path) -> None:

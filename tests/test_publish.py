@@ -15,7 +15,7 @@ import pytest
 from qlimage.errors import QlimageError
 from qlimage.image import publish
 
-from helpers import REPO, qlimage, write_site
+from helpers import REPO, qlimage
 
 
 def make_build(content: bytes):  # type: ignore[no-untyped-def]
@@ -118,9 +118,9 @@ def image_verifies(site: Path, image: str) -> bool:
 
 @pytest.mark.tools
 @pytest.mark.network
-def test_sigkill_at_any_point_keeps_current_generation(tmp_path: Path) -> None:
-    site = write_site(tmp_path / "site")
-    qlimage("-C", str(site), "build")
+def test_sigkill_at_any_point_keeps_current_generation(built_copy: Path) -> None:
+    site = built_copy
+    qlimage("-C", str(site), "build")  # the copy's doit state names the original's files
     first = (site / "bootfiles/qlustar/images/demo/current").readlink()
     motd = site / "overlays/common/copy/etc/motd"
     motd.parent.mkdir(parents=True)
