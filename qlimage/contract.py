@@ -19,6 +19,17 @@ CHECKSUM_SUFFIX = ".sha256"  # <file>.sha256 beside a file: `<hex>  <file name>`
 CHROOT_FILE = "chroot"  # nodes/<mac>/chroot: CHROOT_LINE or empty, read by the initrd
 IMAGES_DIR = "images"  # images/<image>/: the image's generations, CURRENT and HISTORY
 BOOT_DIR = "boot"  # boot/: the kernel and initrd generations, CURRENT and HISTORY
+# cluster/: the cluster-wide public files, one copy for all nodes (a copy per bundle would make
+# the bundles quadratic in the number of nodes); the runner installs them after the bundle.
+CLUSTER_DIR = "cluster"
+CLUSTER_SUMS = "SHA256SUMS"  # cluster/SHA256SUMS: `<hex>  <name>` lines (sha256sum), sorted
+# (name below cluster/, path on the node): the runner installs only these, whatever
+# SHA256SUMS lists; each CLUSTER_FILE_MODE, root:root (public data).
+CLUSTER_FILES = (
+    ("shosts.equiv", "/etc/ssh/shosts.equiv"),
+    ("ssh_known_hosts", "/etc/ssh/ssh_known_hosts"),
+)
+CLUSTER_FILE_MODE = 0o644
 
 # --- a published generation ---------------------------------------------------------------
 CURRENT = "current"  # link to the current generation, in images/<image>/ and boot/
@@ -27,6 +38,8 @@ GENERATION = "generation"  # in each generation: its own name and a newline
 MODULES_JSON = "modules.json"  # in an image generation: the resolved modules
 KERNEL_FILE = "vmlinuz"  # in a boot generation
 INITRD_FILE = "initrd.img"  # in a boot generation
+# In a generation published by `qlimage edit -i/-s` (not from inputs): {"part", "base", "image"}.
+HAND_EDITED = "hand-edited.json"
 
 # --- the kernel command line (written by the boot loader configs, read on the node) --------
 CMDLINE_HTTP = "qlustar.http"  # base URL of the head's qlustar tree (initrd, runner)
@@ -76,6 +89,11 @@ def node_dir(mac: str) -> str:
 
 def bundle_path(mac: str) -> str:
     return f"{node_dir(mac)}/{BUNDLE_FILE}"
+
+
+def cluster_path(name: str) -> str:
+    """A cluster file (or CLUSTER_SUMS) below the qlustar tree: `cluster/<name>`."""
+    return f"{CLUSTER_DIR}/{name}"
 
 
 def checksum_name(name: str) -> str:

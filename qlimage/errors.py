@@ -39,6 +39,15 @@ class BuildError(QlimageError):
     """A build step failed (an external command returned non-zero, a checksum did not match)."""
 
 
+class BootTestFailed(BuildError):
+    """A new generation did not pass its boot test: `problems` is the reason, then the
+    console's tail (the lines an admin needs to see without --debug)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
 class CommandTimeout(BuildError):
     """An external command ran longer than its time limit and was killed."""
 

@@ -12,10 +12,11 @@ No other module spells a path below bootfiles/; the names a node fetches come fr
     qlustar/images/<image>/<gen>/    <image>.img, .sha256, modules.json; `current`, `history`
     qlustar/nodes/<mac>              link to the node's generation: what the runner fetches
     qlustar/nodes/.<mac>.<digest>/   bundle.json + .sha256, chroot: one node generation
+    qlustar/cluster/                 ssh_known_hosts, shosts.equiv, SHA256SUMS: the cluster's
+                                     SSH host files, one copy every node's runner installs
     head/                            dnsmasq.conf, nginx.conf: the head services' configs;
                                      qlimage-serve.service: the systemd unit that runs them
     head/run/                        what `qlimage serve` writes: pids, leases, logs, nginx temp
-    head/ssh/                        ssh_known_hosts, shosts.equiv: header plus managed hosts
     head/exports.d/                  qlustar-chroots.exports: the NFS exports of the chroots
     kernel/                          the unpacked kernel package and kernel.json
     stage/<image>/, <image>.manifest the staged root tree of each image
@@ -80,9 +81,6 @@ class Layout:
         self.nginx_conf = self.head / "nginx.conf"
         self.serve_unit = self.head / "qlimage-serve.service"  # systemd unit of `qlimage serve`
         self.head_run = self.head / "run"
-        self.ssh_dir = self.head / "ssh"  # the cluster's SSH host files (public: nodes get them)
-        self.ssh_known_hosts = self.ssh_dir / "ssh_known_hosts"
-        self.shosts_equiv = self.ssh_dir / "shosts.equiv"
         # The head's /etc/exports.d/ part for the chroots it serves (an admin links or copies it).
         self.chroot_exports = self.head / "exports.d" / "qlustar-chroots.exports"
 
@@ -112,6 +110,14 @@ class Layout:
 
     def nodes(self) -> Path:
         return self.qlustar / contract.NODES_DIR
+
+    def cluster_dir(self) -> Path:
+        """The cluster-wide public files (contract.CLUSTER_FILES): served once, not per node."""
+        return self.qlustar / contract.CLUSTER_DIR
+
+    def cluster_file(self, name: str) -> Path:
+        """A file of cluster_dir(), or its contract.CLUSTER_SUMS."""
+        return self.qlustar / contract.cluster_path(name)
 
     def node_dir(self, host: Host) -> Path:
         """Where a node's bundle is published; the runner asks for it by the boot NIC's MAC."""

@@ -8,8 +8,8 @@ PACKAGES="python3 python3-venv squashfs-tools cpio dpkg-dev kmod gzip xz-utils z
   pxelinux syslinux-common syslinux-utils qemu-system-x86 ipxe-qemu gpgv debian-archive-keyring
   dnsmasq-base udpcast systemd ifupdown openssh-client diffoscope-minimal fdisk e2fsprogs
   xfsprogs util-linux mount nfs-ganesha nfs-ganesha-vfs busybox-static nginx
-  sssd-tools sssd-common chrony whois
-  ovmf sbsigntool grub-common nftables"
+  sssd-tools sssd-common chrony whois vim
+  ovmf sbsigntool grub-common nftables mmdebstrap nfs-kernel-server"
 
 missing=""
 for p in $PACKAGES; do
@@ -36,8 +36,9 @@ if [ -n "$missing" ]; then
         trap - EXIT
     fi
     # ... nor at the next boot (only a daemon we just installed: never the admin's own). chrony
-    # is here for `chronyd -p`, which parses the generated time configuration.
-    for unit in nginx chrony; do
+    # is here for `chronyd -p`, which parses the generated time configuration; nfs-kernel-server
+    # for `exportfs`, which parses the generated chroot exports.
+    for unit in nginx chrony nfs-kernel-server; do
         case " $missing " in *" $unit "*)
             if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
                 systemctl disable --now "$unit.service" >/dev/null 2>&1 || true

@@ -15,6 +15,7 @@ import pwd
 import stat
 import urllib.error
 from collections.abc import Callable, Iterator, Sequence
+from email.message import Message
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -96,7 +97,8 @@ def make_bundle(
 
 
 class Head:
-    """The head's web server: URL -> bytes; records every request."""
+    """The head's web server: URL -> bytes; records every request. Once it serves anything,
+    an unknown URL is a 404, as from a real web server; before that, nothing answers."""
 
     def __init__(self) -> None:
         self.documents: dict[str, bytes] = {}
@@ -114,8 +116,10 @@ class Head:
         self.requests.append(url)
         if self.failures:
             raise self.failures.pop(0)
-        if url not in self.documents:
+        if not self.documents:
             raise urllib.error.URLError("Connection refused")
+        if url not in self.documents:
+            raise urllib.error.HTTPError(url, 404, "Not Found", Message(), None)
         return self.documents[url]
 
 

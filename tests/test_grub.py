@@ -20,10 +20,11 @@ import pytest
 
 from qlimage.boot import grub, ipxe, loaders
 from qlimage.layout import Layout
+from qlimage.pool.mirror import fetch_package
 from qlimage.site import BootConfig, Site, load_site
 from qlimage.templates import UnsafeValue
 
-from helpers import assert_refused, check_golden, qlimage, write_site
+from helpers import assert_refused, check_golden, edit, qlimage, write_site
 
 SiteFactory = Callable[..., Path]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "grub"
@@ -206,6 +207,26 @@ def test_host_that_leaves_loses_its_config(built_copy: Path) -> None:
 def test_loaders_do_not_rebuild_without_a_change(built_copy: Path) -> None:
     out = qlimage("-C", str(built_copy), "build").stdout
     assert "-- grub:loaders" in out and "-- grub:configs" in out
+
+
+def test_ipxe_is_in_the_tftp_tree_only_for_a_site_that_chain_loads_it(built_copy: Path) -> None:
+    tftpboot = Layout(built_copy / "bootfiles").tftpboot
+    names = loaders.loader_names(loaders.IPXE_LOADERS)
+    assert not any((tftpboot / n).exists() for n in names)
+    with (built_copy / "site.toml").open("a") as f:
+        f.write('\n[bootconfigs.chain]\nimage = "demo"\nloader = "ipxe"\n')
+    edit(built_copy / "nodes.d/cluster.toml", 'bootconfig = "compute"', 'bootconfig = "chain"')
+    out = qlimage("-C", str(built_copy), "build").stdout
+    assert ".  ipxeloaders" in out, out
+    # Byte for byte the files of Debian's verified ipxe package (from the archive cache).
+    deb = fetch_package(load_site(built_copy), "ipxe")
+    unpacked = built_copy.parent / "ipxe-deb"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+    for loader in loaders.IPXE_LOADERS:
+        assert (tftpboot / loader.name).read_bytes() == (unpacked / loader.member).read_bytes()
+    assert (tftpboot / "snponly.efi").read_bytes()[:2] == b"MZ"  # a PE/COFF image
+    dnsmasq = (built_copy / "bootfiles/head/dnsmasq.conf").read_text()
+    assert "dhcp-boot=tag:ipxe-host,tag:bios,tag:!ipxe,undionly.kpxe" in dnsmasq
 
 
 # --- iPXE: the dispatch script and per-host scripts ------------------------------------------

@@ -12,12 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from qlimage.errors import TaskCrashed
+from qlimage.errors import ConfigError, TaskCrashed
 from qlimage.pool import packages
 from qlimage.site import load_site
 from qlimage.site.load import ValidationCache
@@ -334,6 +335,37 @@ def test_validation_cache_hits_when_nothing_changed(built_copy: Path) -> None:
     cache = ValidationCache(site.paths.bootfiles / ".validated.json")
     nodes = built_copy / "nodes.d/cluster.toml"
     assert cache.entries[str(nodes)][0] == ValidationCache.key(nodes, "nodes")
+
+
+def test_validation_cache_validates_only_the_edited_host(
+    built_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qlimage.site import load as site_load
+
+    load_site(built_copy)  # every host valid, and remembered
+    nodes = built_copy / "nodes.d/cluster.toml"
+    validated: list[object] = []
+    real = site_load.validate
+
+    def counting(data: object, schema_name: str, where: str) -> list[str]:
+        validated.append(data)
+        return real(data, schema_name, where)
+
+    monkeypatch.setattr(site_load, "validate", counting)
+    edit(nodes, 'mac = "52:54:00:12:34:57"', 'mac = "52:54:00:12:34:58"')
+    assert load_site(built_copy).host("beo-02").mac == "52:54:00:12:34:58"
+    hosts = [d["hosts"] for d in validated if isinstance(d, dict) and d.get("hosts")]
+    assert [[h["name"] for h in hs] for hs in hosts] == [["beo-02"]]
+
+    # An invalid edit is reported at the host's own place in the file, as a full check would.
+    edit(nodes, 'mac = "52:54:00:12:34:58"', 'mac = "52:54:00:12:34:ZZ"')
+    with pytest.raises(ConfigError) as e:
+        load_site(built_copy)
+    raw = tomllib.loads(nodes.read_text())
+    index = [h["name"] for h in raw["hosts"]].index("beo-02")
+    full = real(raw, "nodes", "nodes.d/cluster.toml")  # what validating the whole file says
+    assert full and e.value.problems == full, e.value.problems
+    assert full[0].startswith(f"nodes.d/cluster.toml: .hosts[{index}].mac: ")
 
 
 def build_module_deb(tree: Path, version: str, out: Path) -> None:

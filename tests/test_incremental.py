@@ -147,7 +147,8 @@ def test_node_added_rebuilds_pxelinux_links_and_its_bundle_only(site: Path) -> N
         'image = "beta"\nnetworks.boot = "10.0.2.99"\n'
     )
     # The head's DHCP and HTTP configs name every node; prune's input is the set of nodes; the
-    # GRUB and iPXE per-host configs, like pxelinux's links, gain the new node's.
+    # GRUB and iPXE per-host configs, like pxelinux's links, gain the new node's. The SSH host
+    # files name every node too: served once with their sums, in no bundle (test_sshfiles.py).
     assert build(site) == {
         "pxelinux:links",
         "grub:configs",
@@ -155,6 +156,9 @@ def test_node_added_rebuilds_pxelinux_links_and_its_bundle_only(site: Path) -> N
         "bundle:beo-09",
         "headconfig",
         "prune",
+        "ssh:ssh_known_hosts",
+        "ssh:shosts.equiv",
+        "ssh:SHA256SUMS",
     }
 
 

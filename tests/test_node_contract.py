@@ -15,7 +15,7 @@ import pytest
 
 from qlimage import contract
 from qlimage.image import stage
-from qlimage.node.runner import fetch, main, names, paths
+from qlimage.node.runner import cluster, fetch, main, names, paths
 
 NODE = Path(__file__).parent.parent / "qlimage/node"
 INIT = NODE / "initrd/init"
@@ -70,6 +70,9 @@ def test_runner_paths_and_urls_follow_the_contract() -> None:
     assert contract.image_path("demo") == "images/demo"
     assert contract.image_sum_file("demo") == "demo.img.sha256"
     assert contract.boot_path(contract.KERNEL_FILE) == "qlustar/boot/current/vmlinuz"
+    sums = contract.cluster_path(contract.CLUSTER_SUMS)
+    assert cluster.cluster_url(base + "/", contract.CLUSTER_SUMS) == f"{base}/{sums}"
+    assert sums == "cluster/SHA256SUMS"
     assert set(contract.CMDLINE_KEYS) >= INITRD_KEYS | INIT_QLUSTAR_KEYS
 
 
@@ -81,6 +84,9 @@ def test_runner_takes_shared_names_from_names_py() -> None:
         contract.NODES_DIR,
         contract.BUNDLE_FILE,
         contract.CHECKSUM_SUFFIX,
+        contract.CLUSTER_DIR,
+        contract.CLUSTER_SUMS,
+        *(name for pair in contract.CLUSTER_FILES for name in pair),
     }
     for path in sorted((NODE / "runner").glob("*.py")):
         if path.name == "names.py":

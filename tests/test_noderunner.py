@@ -139,7 +139,8 @@ def test_applies_every_entry_type(
 
     assert run_node(head, commands) == EXIT_OK
 
-    assert head.requests == [BUNDLE_URL, BUNDLE_URL + ".sha256"]
+    # ... and then the cluster files' sums, which this head does not serve (test_cluster_files.py)
+    assert head.requests == [BUNDLE_URL, BUNDLE_URL + ".sha256", f"{BASE}/cluster/SHA256SUMS"]
     assert node_read("/root/.ssh/authorized_keys") == b"ssh-ed25519 AAAA admin\n"
     assert node_mode("/root/.ssh") == "0700"
     assert node_mode("/root/.ssh/authorized_keys") == "0600"

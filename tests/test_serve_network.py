@@ -29,6 +29,13 @@ from helpers import HEAD, REPO, qlimage, sh, write_site
 
 PORT = 8480
 REGISTERED = ("52:54:00:12:34:56", "10.0.2.15", "beo-01")
+IPXE_HOST = ("52:54:00:12:34:99", "10.0.2.60", "chain-01")  # its boot config chain-loads iPXE
+IPXE_HOST_TOML = (
+    f'\n[[hosts]]\nname = "{IPXE_HOST[2]}"\nmac = "{IPXE_HOST[0]}"\nbootconfig = "chain"\n'
+    f'networks.boot = "{IPXE_HOST[1]}"\n'
+)
+BIOS, EFI_X86_64 = "0x5d:0000", "0x5d:0007"  # DHCP option 93, client architecture
+IPXE_CLIENT = "0xaf:0101"  # option 175, which only iPXE sends
 UNREGISTERED_MAC = "52:54:00:99:99:99"
 STRANGER = "10.0.2.99"  # on the boot network, but no node of the site
 START = 20.0  # seconds for `qlimage serve` to answer
@@ -89,6 +96,10 @@ def bed() -> Iterator[Bed]:
     proc: subprocess.Popen[bytes] | None = None
     try:
         root = write_site(top / "site", port=PORT)
+        with (root / "site.toml").open("a") as f:
+            f.write('\n[bootconfigs.chain]\nimage = "demo"\nloader = "ipxe"\n')
+        with (root / "nodes.d/cluster.toml").open("a") as f:
+            f.write(IPXE_HOST_TOML)
         qlimage("-C", str(root), "build", "headconfig", "tftpboot")
         layout = Layout(root / "bootfiles")
         publish_checksum(layout)
@@ -133,8 +144,9 @@ def set_node(bed: Bed, mac: str, *addresses: str) -> None:
         node(bed, "ip", "addr", "add", f"{a}/24", "dev", bed.nic)
 
 
-def dhcp(bed: Bed, tmp_path: Path) -> dict[str, str] | None:
-    """Ask for a lease as a BIOS PXE client (option 93 = 0); the lease's variables, or None."""
+def dhcp(bed: Bed, tmp_path: Path, *options: str) -> dict[str, str] | None:
+    """Ask for a lease as a PXE client sending `options` (default: a BIOS one, option 93 = 0);
+    the lease's variables, or None."""
     out = tmp_path / "lease.env"
     script = tmp_path / "udhcpc.script"
     script.write_text(f'#!/bin/sh\n[ "$1" = bound ] && env > {out}\nexit 0\n')
@@ -142,7 +154,7 @@ def dhcp(bed: Bed, tmp_path: Path) -> dict[str, str] | None:
     # -n: give up without a lease, after -t 3 discovers -T 1 s apart: a bounded wait.
     proc = node(
         bed, BUSYBOX, "udhcpc", "-i", bed.nic, "-f", "-q", "-n", "-t", "3", "-T", "1",
-        "-x", "0x5d:0000", "-s", str(script),
+        *(a for o in options or (BIOS,) for a in ("-x", o)), "-s", str(script),
     )  # fmt: skip
     if not out.exists():
         assert proc.returncode != 0
@@ -160,6 +172,27 @@ def test_registered_mac_gets_its_address_and_hostname(bed: Bed, tmp_path: Path) 
     assert lease["boot_file"] == "pxelinux.0"
     assert lease["router"] == HEAD
     assert lease["dns"].split() == [HEAD]
+
+
+@pytest.mark.parametrize(
+    ("host", "options", "boot_file"),
+    [
+        (REGISTERED, (EFI_X86_64,), "bootx64.efi"),
+        (IPXE_HOST, (BIOS,), "undionly.kpxe"),
+        (IPXE_HOST, (EFI_X86_64,), "snponly.efi"),
+        (IPXE_HOST, (BIOS, IPXE_CLIENT), "boot.ipxe"),
+        (IPXE_HOST, (EFI_X86_64, IPXE_CLIENT), "boot.ipxe"),
+        (REGISTERED, (BIOS, IPXE_CLIENT), "pxelinux.0"),
+    ],
+)
+def test_boot_file_follows_architecture_and_the_hosts_loader(
+    bed: Bed, tmp_path: Path, host: tuple[str, str, str], options: tuple[str, ...], boot_file: str
+) -> None:
+    mac, address, _ = host
+    set_node(bed, mac)
+    lease = dhcp(bed, tmp_path, *options)
+    assert lease is not None and lease["ip"] == address
+    assert lease["boot_file"] == boot_file, lease
 
 
 def test_unregistered_mac_gets_no_lease(bed: Bed, tmp_path: Path) -> None:

@@ -40,17 +40,30 @@ LOADERS = (
 )
 
 
-def loader_names() -> list[str]:
-    return [loader.name for loader in LOADERS]
+# iPXE for the hosts whose boot config says `loader = "ipxe"`: their firmware's PXE loads one
+# of these (Debian's `ipxe` package, unsigned: no Secure Boot), which asks DHCP again as iPXE
+# and gets boot.ipxe. snponly.efi drives the NIC through the firmware's own network stack.
+IPXE_LOADERS = (
+    Loader("ipxe", "usr/lib/ipxe/undionly.kpxe", "undionly.kpxe"),
+    Loader("ipxe", "usr/lib/ipxe/snponly.efi", "snponly.efi"),
+)
 
 
-def install_uefi_loaders(site: Site) -> None:
+def loader_names(loaders: tuple[Loader, ...] = LOADERS) -> list[str]:
+    return [loader.name for loader in loaders]
+
+
+def install_ipxe_loaders(site: Site) -> None:
+    install_uefi_loaders(site, IPXE_LOADERS)
+
+
+def install_uefi_loaders(site: Site, loaders: tuple[Loader, ...] = LOADERS) -> None:
     """Fetch (or reuse from the cache) each loader's package and copy its signed file into
     the TFTP tree, unchanged: a single changed byte would break its signature."""
     from qlimage.pool.mirror import fetch_package  # the archive client pulls in requests
 
     layout = Layout(site)
-    for loader in LOADERS:
+    for loader in loaders:
         deb = fetch_package(site, loader.package)
         with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=layout.bootfiles) as tmp:
             run(["dpkg-deb", "-x", deb, tmp])

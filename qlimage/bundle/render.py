@@ -19,7 +19,9 @@ What a bundle holds, per option kind of the host's effective options (`Host.opti
 * `opensm`: `/etc/qlustar/options.d/opensm` and, when on, the `opensm.service` wants link;
 * `ipmi`: `/etc/qlustar/options.d/ipmi` and the action `ipmi`;
 * `chroot`: `/etc/qlustar/options.d/chroot`;
-* `authorized_keys`: `/root/.ssh` (0700) and `/root/.ssh/authorized_keys` (0600);
+* `authorized_keys`: `/root/.ssh` (0700) and `/root/.ssh/authorized_keys` (0600), the site's
+  `ssh/authorized_keys.header` first (with that header, every node gets the file; the
+  cluster's ssh_known_hosts and shosts.equiv are not in bundles: `sshfiles.py`);
 * `rootfs`: every file, directory and symlink below `rootfs/<config>/` for each config in
   order, with the mode, owner and group it has on the head;
 * `mail`: `/etc/qlustar/options.d/mail` and a `command` action running `postconf`;
@@ -76,6 +78,7 @@ from types import MappingProxyType
 from typing import Any
 
 from qlimage import contract, templates
+from qlimage.bundle import sshfiles
 from qlimage.errors import ConfigError, QlimageError
 from qlimage.site import Host, Image, Network, Site
 from qlimage.trees import walk
@@ -454,9 +457,23 @@ class _Renderer:
         for key in keys:
             if any(c in "\r\n\0" for c in key):
                 raise self.problem("authorized_keys", f"{key[:40]!r}...: not a single line")
-        text = _render("authorized_keys", **self.context("authorized_keys"), keys=keys)
+        text = _render(
+            "authorized_keys",
+            **self.context("authorized_keys"),
+            keys=keys,
+            header=sshfiles.authorized_header(self.site),
+            header_path=sshfiles.AUTHORIZED_KEYS_HEADER,
+        )
         self.files.append(_root_dir("/root/.ssh", 0o700, origin))
         self.files.append(_root_file("/root/.ssh/authorized_keys", text, origin, 0o600))
+
+    # --- always: the site's authorized_keys header (sshfiles.py) ---
+
+    def ssh(self) -> None:
+        # The header reaches every node, with the option or without. (The host files naming
+        # every host are served once, not per bundle: the runner installs them.)
+        if "authorized_keys" not in self.host.options and sshfiles.authorized_header(self.site):
+            self.authorized_keys(())
 
     def mail(self, option: Mapping[str, Any]) -> None:
         relayhost = option["relayhost"]
@@ -786,6 +803,7 @@ def render_bundle(site: Site, host: Host) -> Bundle:
     for kind in OPTION_KINDS:
         if kind in host.options or kind in DEFAULT_OPTIONS:
             getattr(r, kind)(host.options.get(kind, DEFAULT_OPTIONS.get(kind)))
+    r.ssh()
     assert len({f.path for f in r.files}) == len(r.files), "two options write the same file"
     ids = _Ids()
     layers = [r.files, *(rootfs_entries(site, c, ids) for c in host.options.get("rootfs", ()))]
@@ -921,6 +939,7 @@ def bundle_inputs(site: Site, host: Host) -> str:
         "head": site.head_address,  # the default time server
         "networks": networks,
         "rootfs": {c: _rootfs_manifest(site, c, ids) for c in host.options.get("rootfs", ())},
+        "authorized_keys_header": sshfiles.authorized_header(site),  # small, per site
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=_plain)
 

@@ -14,4 +14,9 @@ VERBS = (
     "apt_hook",
     "repro_check",
     "serve",
+    "reconfigure",
+    "edit",
+    "rootfs",
+    "status",
+    "chroot",
 )

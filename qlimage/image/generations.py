@@ -3,6 +3,7 @@ the boot pair (kernel + initrd) and each image (squashfs, checksum, modules.json
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -64,8 +65,13 @@ def extract_multicast_debs(site: Site, into: Path) -> Path:
 def publish_image(site: Site, image: Image, resolved: str) -> None:
     """A new generation of `image` from its staged tree, unless the current one is the same."""
     root = Layout(site).image_root(image.name)
+    accept = None
+    if site.boot_test:
+        from qlimage.image import boottest
+
+        accept = functools.partial(boottest.boot_test, site, image.name)
     publish.publish(
-        root, lambda gen: build_image(site, image, resolved, gen), site.keep_generations
+        root, lambda gen: build_image(site, image, resolved, gen), site.keep_generations, accept
     )
 
 

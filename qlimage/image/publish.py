@@ -113,9 +113,18 @@ def fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def publish(root: Path, build: Callable[[Path], list[Path]], keep: int) -> str:
+def publish(
+    root: Path,
+    build: Callable[[Path], list[Path]],
+    keep: int,
+    accept: Callable[[Path], None] | None = None,
+) -> str:
     """Build a generation with `build(tmpdir)` (returns the files that name it), move it into
     place, make it current and prune to the last `keep` generations. Returns its name.
+
+    `accept(generation directory)` runs once the generation is in place, before it becomes
+    current, for a generation that is not current yet (the boot test): if it raises, the
+    generation is removed again and the current one stays.
 
     Crash-safe at every step: the generation is in `history` before its rename (a kill right
     after the rename cannot leak it), and `remove_stale` reconciles history with directories."""
@@ -135,6 +144,13 @@ def publish(root: Path, build: Callable[[Path], list[Path]], keep: int) -> str:
             fault_point("generation-renamed")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if accept is not None and name != current_name(root):
+        try:
+            accept(root / name)
+        except BaseException:
+            write_history(root, [g for g in history(root) if g != name])
+            discard(root / name)
+            raise
     make_current(root, name)
     fault_point("current-switched")
     prune(root, keep)

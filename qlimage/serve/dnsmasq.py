@@ -2,8 +2,8 @@
 
 DHCP answers exactly the MACs of nodes.d on the boot network, each with its address and host
 name (a static range: nothing is handed out dynamically, and unknown clients are ignored). The
-boot file follows the DHCP client architecture (option 93): BIOS gets pxelinux.0; the EFI x86-64
-tags are set but get no boot file until a UEFI loader is built.
+boot file follows the DHCP client architecture (option 93): BIOS gets pxelinux.0, EFI x86-64
+Debian's signed shim; hosts whose boot config chain-loads iPXE get iPXE first, then its script.
 
 DNS is off by default (`port=0`): a head node usually runs a resolver on port 53 already, and a
 second server there would fail to start or shadow it. `[head] serve_dns = true` lets dnsmasq
@@ -16,6 +16,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from qlimage import templates
+from qlimage.boot import ipxe
 from qlimage.layout import Layout
 from qlimage.serve import values
 from qlimage.site import Site
@@ -28,6 +29,13 @@ ARCH_TAGS = (
     (9, "efi-x86_64"),  # EFI x86-64
 )
 BOOT_FILES = {"bios": "pxelinux.0"}  # tag -> file below the TFTP root
+# Hosts whose boot config says `loader = "ipxe"` carry IPXE_HOST_TAG (set by their dhcp-host
+# line). Their firmware gets iPXE by architecture; iPXE itself (its requests carry option 175)
+# gets the dispatch script, which chains the host's own script.
+IPXE_HOST_TAG = "ipxe-host"
+IPXE_CLIENT_TAG = "ipxe"
+IPXE_OPTION = 175
+IPXE_BOOT_FILES = {"bios": "undionly.kpxe", "efi-x86_64": "snponly.efi"}
 BOOT_TAG = "boot"  # set for clients on the boot network's range
 LEASE_TIME = "12h"
 LEASE_MAX_MIN = 1000  # dnsmasq's own default
@@ -42,6 +50,7 @@ class DhcpHost:
     address: str
     hostname: str
     name: str  # the nodes.d host, for the comment
+    ipxe: bool = False  # its boot config chain-loads iPXE
 
 
 def dhcp_hosts(site: Site) -> list[DhcpHost]:
@@ -56,6 +65,7 @@ def dhcp_hosts(site: Site) -> list[DhcpHost]:
                 values.ipv4(addr.address),
                 values.hostname(addr.hostname),
                 values.hostname(host.name),
+                site.bootconfigs[host.bootconfig].loader == "ipxe",
             )
         )
     return out
@@ -88,5 +98,10 @@ def render(site: Site) -> str:
         hosts=hosts,
         arch_tags=ARCH_TAGS,
         boot_files=BOOT_FILES,
+        ipxe_host_tag=IPXE_HOST_TAG,
+        ipxe_client_tag=IPXE_CLIENT_TAG,
+        ipxe_option=IPXE_OPTION,
+        ipxe_boot_files=IPXE_BOOT_FILES if any(h.ipxe for h in hosts) else {},
+        ipxe_dispatch=ipxe.DISPATCH,
         on_boot_network=ipaddress.IPv4Address(head) in net.cidr,
     )

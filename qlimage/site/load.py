@@ -28,6 +28,7 @@ from qlimage.site.model import (
     Archive,
     BootConfig,
     Chroot,
+    ChrootTask,
     Host,
     HostAddress,
     Image,
@@ -56,12 +57,23 @@ def setting(raw: Mapping[str, Any], section: str, key: str) -> Any:
     return schema("site")["properties"][section]["properties"][key].get("default")
 
 
+def bootconfig_default(key: str) -> Any:
+    """A boot config key's default, from the schema like every other default."""
+    return schema("site")["properties"]["bootconfigs"]["additionalProperties"]["properties"][key][
+        "default"
+    ]
+
+
 def json_path(path: Any) -> str:
     """Render a jsonschema error path the way osbuild does: `.hosts[2].mac`."""
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out or "."
+
+
+# Cache entries of an inventory's valid hosts, by file: "hosts:<path>" -> [schema, digests].
+HOSTS_SLOT = "hosts:"
 
 
 class ValidationCache:
@@ -124,15 +136,43 @@ class ValidationCache:
         raw = read_toml(file, problems, where)
         if raw is None:
             return None
-        errors = validate(raw, schema_name, where)
+        errors, valid_hosts = self.validate_file(raw, schema_name, where, file)
         if errors:
             problems += errors
             return None
         with contextlib.suppress(OSError):
             if self.key(file, schema_name) == key:  # not edited while it was parsed
                 self.entries[str(file)] = [key, raw]
+                if valid_hosts is not None:
+                    self.entries[HOSTS_SLOT + str(file)] = [key[2], valid_hosts]
                 self.changed = True
         return raw
+
+    def validate_file(
+        self, raw: dict[str, Any], schema_name: str, where: str, file: Path
+    ) -> tuple[list[str], list[str] | None]:
+        """validate(); an inventory host by host, so that editing one node of a 10 000-node
+        file validates that node (and the file without its hosts), not 10 000 of them: a host
+        whose table is the same as when the file last validated is valid still. Returns the
+        errors and, for an inventory, the digests of its hosts (what the next edit compares)."""
+        hosts = raw.get("hosts")
+        if schema_name != "nodes" or not isinstance(hosts, list):
+            return validate(raw, schema_name, where), None
+        slot = self.entries.get(HOSTS_SLOT + str(file))
+        schema_key = self.schema_digest(schema_name)
+        known = set(slot[1]) if isinstance(slot, list) and slot[:1] == [schema_key] else set()
+        errors = validate({**raw, "hosts": []}, schema_name, where)
+        digests = []
+        for i, host in enumerate(hosts):
+            digest = hashlib.sha256(json.dumps(host, sort_keys=True).encode()).hexdigest()[:32]
+            digests.append(digest)
+            if digest not in known:
+                # Validated alone as hosts[0] of an otherwise empty file: renumbered to its place.
+                alone = validate({"hosts": [host]}, schema_name, where)
+                errors += [
+                    e.replace(f"{where}: .hosts[0]", f"{where}: .hosts[{i}]", 1) for e in alone
+                ]
+        return errors, digests
 
     def save(self) -> None:
         # Never the first thing written for a site: a check of a site that was not built yet
@@ -229,7 +269,8 @@ def load_site(root: Path | str = ".") -> Site:
 
     paths = make_paths(root, raw)
     networks = make_networks(raw["networks"], problems)
-    chroots = load_chroots(paths, raw["head"]["address"], problems, checked)
+    chroot_tasks = make_chroot_tasks(raw.get("chroot_tasks", {}))
+    chroots = load_chroots(paths, raw["head"]["address"], problems, checked, chroot_tasks)
     images = load_images(paths, chroots, problems, checked)
     # Names of images whose file is invalid: reported by itself, not again as "unknown image".
     broken = {p.stem for p in toml_files(paths.images, [], root)} - {
@@ -302,9 +343,12 @@ def load_site(root: Path | str = ".") -> Site:
         serial=setting(raw, "boot", "serial"),
         console=setting(raw, "boot", "console"),
         keep_generations=setting(raw, "publish", "keep"),
+        boot_test=setting(raw, "publish", "boot_test"),
+        boot_test_timeout=float(setting(raw, "publish", "boot_test_timeout")),
         hosts=tuple(sorted(hosts, key=lambda h: h.name)),
         recipes=tuple(recipes),
         chroots=MappingProxyType(chroots),
+        chroot_tasks=MappingProxyType(chroot_tasks),
         admin_networks=tuple(setting(raw, "head", "admin_networks")),
         dns_servers=tuple(setting(raw, "head", "dns")),
         serve_dns=setting(raw, "head", "serve_dns"),
@@ -420,7 +464,8 @@ def make_paths(root: Path, raw: Mapping[str, Any]) -> Paths:
             value = os.environ.get("QLIMAGE_CACHE", value)
         return (root / os.path.expanduser(value)).resolve()
 
-    keys = ("bootfiles", "pool", "images", "nodes", "overlays", "rootfs", "chroots", "modules")
+    keys = ("bootfiles", "pool", "images", "nodes", "overlays", "rootfs", "chroots", "modules",
+            "chroot_trees")  # fmt: skip
     return Paths(root=root, cache=p("cache"), **{key: p(key) for key in keys})
 
 
@@ -469,8 +514,19 @@ def bad_name(path: Path, root: Path) -> str:
     return f"{rel(path.parent, root)}/{path.name!a}"
 
 
+def make_chroot_tasks(raw: Mapping[str, Any]) -> dict[str, ChrootTask]:
+    return {
+        name: ChrootTask(name, tuple(t["packages"]), t.get("description", ""))
+        for name, t in sorted(raw.items())
+    }
+
+
 def load_chroots(
-    paths: Paths, head: str, problems: list[str], checked: ValidationCache
+    paths: Paths,
+    head: str,
+    problems: list[str],
+    checked: ValidationCache,
+    tasks: Mapping[str, ChrootTask] | None = None,
 ) -> dict[str, Chroot]:
     chroots: dict[str, Chroot] = {}
     for path in sorted(paths.chroots.glob("*/chroot.toml")):
@@ -481,15 +537,38 @@ def load_chroots(
                 " letters, digits, '.', '_', '-' (what images and hosts can name)"
             )
             continue
-        raw = checked.read(path, "chroot", rel(path, paths.root), problems)
-        if raw is not None:
-            chroots[name] = Chroot(
-                name,
-                raw.get("server", head),
-                raw.get("port", 2049),
-                raw["export"],
-                raw.get("description", ""),
+        where = rel(path, paths.root)
+        raw = checked.read(path, "chroot", where, problems)
+        if raw is None:
+            continue
+        for task in raw.get("tasks", []):
+            if task not in (tasks or {}):
+                problems.append(
+                    f"{where}: .tasks: no chroot task {task!r} (site.toml [chroot_tasks] has:"
+                    f" {', '.join(sorted(tasks or {})) or 'none'})"
+                )
+        # The head exports the tree to every node with no_root_squash: it must be one of the
+        # chroot trees, never the head's / or the site (with its secrets), not even by a link.
+        given = paths.root / raw["path"] if "path" in raw else paths.chroot_trees / name
+        real = given.resolve()
+        if paths.chroot_trees not in real.parents:
+            problems.append(
+                f"{where}: .path: {str(given)!r} (really {str(real)!r}) is not below [paths]"
+                f" chroot_trees ({paths.chroot_trees}), where the head keeps its chroot trees"
             )
+            continue
+        tree = str(real)
+        chroots[name] = Chroot(
+            name,
+            raw.get("server", head),
+            raw.get("port", 2049),
+            raw.get("export", tree),
+            raw.get("description", ""),
+            path=tree,
+            flavor=raw.get("flavor", ""),
+            version=raw.get("version", ""),
+            tasks=tuple(raw.get("tasks", ())),
+        )
     return chroots
 
 
@@ -547,7 +626,13 @@ def make_bootconfigs(
                 " (default, or an 8-digit HOSTID); choose another name"
             )
     return {
-        name: BootConfig(name, bc["image"], bc.get("append", ""), bc.get("description", ""))
+        name: BootConfig(
+            name,
+            bc["image"],
+            bc.get("append", ""),
+            bc.get("description", ""),
+            bc.get("loader", bootconfig_default("loader")),
+        )
         for name, bc in sorted(raw.items())
     }
 
@@ -627,9 +712,75 @@ def load_hosts(
                     where,
                     MappingProxyType(options),
                     MappingProxyType(sources),
+                    host_keys(h.get("ssh_host_keys", []), f"{at}.ssh_host_keys", problems),
                 )
             )
+    problems += ssh_name_problems(hosts)
     return hosts
+
+
+# Key types a host key can have (sshd's HostKey types; no ssh-dss, which OpenSSH dropped, and no
+# security-key types, which are user keys only).
+SSH_HOST_KEY_TYPES = frozenset(
+    {"ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521"}
+)
+
+
+def host_keys(keys: list[str], at: str, problems: list[str]) -> tuple[str, ...]:
+    """The host's public keys as "type base64": they become known_hosts lines, so nothing in
+    one may start another line, add a host pattern or a marker (@cert-authority), or carry a
+    private key."""
+    out = []
+    for i, key in enumerate(keys):
+        problem = host_key_problem(key)
+        if problem:
+            problems.append(f"{at}[{i}]: {problem}")
+        else:
+            kind, blob = key.split()[:2]
+            out.append(f"{kind} {blob}")  # the comment is the key owner's note, not ours
+    return tuple(out)
+
+
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def host_key_problem(key: str) -> str:
+    """Why `key` is not one public host key line, or "". A pasted private key is named as such
+    and never echoed: error lines end up in terminals, logs and CI output."""
+    if "PRIVATE KEY" in key or key.lstrip().startswith("-----BEGIN"):
+        return (
+            "a private key; expected the public key (the .pub file): private host keys stay"
+            " on their node and never enter the site"
+        )
+    if CONTROL_CHARACTER.search(key):
+        return f"{key[:40]!r}: holds a control character or line break; expected one line"
+    words = key.split()
+    if not words or words[0] not in SSH_HOST_KEY_TYPES:
+        types = ", ".join(sorted(SSH_HOST_KEY_TYPES))
+        return f"{key[:40]!r}: expected a host key type ({types}), then the base64 key"
+    problem = authorized_key_problem(key)
+    return f"{key[:40]!r}: {problem}" if problem else ""
+
+
+def ssh_name_problems(hosts: list[Host]) -> list[str]:
+    """A host name or alias names one host: ssh_known_hosts and shosts.equiv would otherwise
+    trust one host's key or logins for another."""
+    problems = []
+    owner: dict[str, Host] = {}
+    for host in hosts:
+        reported = set()
+        for a in host.addresses:
+            for name in (host.name, a.hostname, *a.aliases):
+                first = owner.setdefault(name, host)
+                # A clash of inventory names is reported by load_hosts already.
+                if first is host or first.name == host.name or name in reported:
+                    continue
+                reported.add(name)
+                problems.append(
+                    f"{host.source}: host {host.name}: .networks.{a.network}: name {name!r}"
+                    f" is already a name of host {first.name} ({first.source})"
+                )
+    return problems
 
 
 def unicast_mac(mac: str) -> bool:

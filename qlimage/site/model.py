@@ -44,6 +44,8 @@ class Host:
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     # Where each option kind came from, e.g. {"mounts": "optionset compute (group rack1)"}.
     option_sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Public host keys as "type base64" (comments dropped): the known_hosts lines of the host.
+    ssh_host_keys: tuple[str, ...] = ()
 
     def address_on(self, network: str) -> HostAddress | None:
         return next((a for a in self.addresses if a.network == network), None)
@@ -75,6 +77,10 @@ class Chroot:
     port: int
     export: str
     description: str
+    path: str = ""  # the tree on the head, absolute (exports line; create/clone/remove)
+    flavor: str = ""  # the Debian suite the tree was built from
+    version: str = ""  # the Qlustar feature release, x.y
+    tasks: tuple[str, ...] = ()  # the chroot tasks (site.toml [chroot_tasks]) installed
 
     @property
     def source(self) -> str:
@@ -84,11 +90,21 @@ class Chroot:
 
 
 @dataclass(frozen=True)
+class ChrootTask:
+    """A package bundle (the seed's Qlustar task) that `qlimage chroot create --task` installs."""
+
+    name: str
+    packages: tuple[str, ...]
+    description: str
+
+
+@dataclass(frozen=True)
 class BootConfig:
     name: str
     image: str
     append: str
     description: str
+    loader: str = "auto"  # "auto" (pxelinux / shim + GRUB by firmware) or "ipxe"
 
 
 @dataclass(frozen=True)
@@ -148,6 +164,7 @@ class Paths:
     chroots: Path
     modules: Path
     cache: Path
+    chroot_trees: Path = Path("/srv/qlustar/chroots")  # where chroot create|clone put trees
 
 
 @dataclass(frozen=True)
@@ -175,11 +192,15 @@ class Site:
     hosts: tuple[Host, ...] = field(default=())
     recipes: tuple[Recipe, ...] = field(default=())
     chroots: Mapping[str, Chroot] = field(default_factory=lambda: MappingProxyType({}))
+    chroot_tasks: Mapping[str, ChrootTask] = field(default_factory=lambda: MappingProxyType({}))
     # Head services (serve/): who besides the nodes may fetch over HTTP; DNS for the nodes.
     admin_networks: tuple[str, ...] = ()  # CIDRs, checked by the schema
     dns_servers: tuple[str, ...] = ()  # empty: the head's address
     serve_dns: bool = False
     multicast: Multicast = field(default_factory=Multicast)
+    # [publish] boot_test: new image generations boot in QEMU before they become current.
+    boot_test: bool = False
+    boot_test_timeout: float = 240.0
 
     def host_chroot(self, host: Host) -> Chroot | None:
         """The node's own chroot option overrides its image's chroot."""

@@ -8,6 +8,7 @@ gets exactly the settings a task reads. So doit rebuilds what changed and nothin
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -24,7 +25,8 @@ from qlimage.boot import grub, ipxe, loaders
 from qlimage.boot import pxelinux as pxe
 from qlimage.bundle import publish as node_files
 from qlimage.bundle import render as bundle
-from qlimage.errors import ConfigError, QlimageError
+from qlimage.bundle import sshfiles
+from qlimage.errors import BootTestFailed, ConfigError, QlimageError
 from qlimage.image import generations, initrd, kernel, overlays, publish, rootpw, stage
 from qlimage.layout import Layout
 from qlimage.pool import recipes
@@ -158,6 +160,10 @@ def plan(site: Site) -> Plan:
             problems += e.problems
         except QlimageError as e:
             problems.append(str(e))
+    try:  # the SSH headers: read by the ssh and bundle task creators, which doit runs lazily
+        sshfiles.check_headers(site)
+    except ConfigError as e:
+        problems += e.problems
     if problems:
         raise ConfigError(problems)
     return Plan(site, modules, digests)
@@ -171,7 +177,10 @@ class UserFailure(TaskError):
 
     def __init__(self, error: QlimageError) -> None:
         super().__init__(str(error))
-        self.lines = error.problems if isinstance(error, ConfigError) else [one_line(error)]
+        if isinstance(error, ConfigError | BootTestFailed):
+            self.lines = error.problems
+        else:
+            self.lines = [one_line(error)]
 
 
 def one_line(error: QlimageError) -> str:
@@ -306,6 +315,7 @@ def task_images(site: Site, p: Plan) -> Iterator[Task]:
             "doc": f"pack image {image.name} as squashfs ({site.squashfs_compressor}) with sha256",
             "file_dep": [str(stage_manifest)],
             "targets": [str(layout.image_current(image.name))],
+            "task_dep": boot_test_deps(site, image.name),
             "actions": [(generations.publish_image, [site, image, resolved])],
             "uptodate": [
                 config_changed(
@@ -319,6 +329,18 @@ def task_images(site: Site, p: Plan) -> Iterator[Task]:
                 )
             ],
         }
+
+
+def boot_test_deps(site: Site, image: str) -> list[str]:
+    """What the boot test of a new generation boots with: everything but the image itself."""
+    if not site.boot_test:
+        return []
+    from qlimage.image.boottest import test_node
+
+    host = test_node(site, image)
+    if host is None:
+        return []
+    return ["kernel", "initrd", "tftpboot", "pxelinux", f"bundle:{host.name}"]
 
 
 def task_pxelinux(site: Site) -> Iterator[Task]:
@@ -386,6 +408,25 @@ def task_ipxe(site: Site) -> Task:
     }
 
 
+def task_ipxeloaders(site: Site) -> Iterator[Task]:
+    """iPXE itself in the TFTP tree, only for a site with a boot config that chain-loads it."""
+    if not any(b.loader == "ipxe" for b in site.bootconfigs.values()):
+        return
+    names = loaders.loader_names(loaders.IPXE_LOADERS)
+    yield {
+        "basename": "ipxeloaders",
+        "doc": "undionly.kpxe (BIOS) and snponly.efi (UEFI) from Debian's ipxe package",
+        "file_dep": [],
+        "targets": [str(Layout(site).tftpboot / n) for n in names],
+        "actions": [(loaders.install_ipxe_loaders, [site])],
+        "uptodate": [
+            config_changed(
+                {"loaders": [vars(x) for x in loaders.IPXE_LOADERS], "arch": site.archive.arch}
+            )
+        ],
+    }
+
+
 def task_bundles(site: Site) -> Iterator[Task]:
     layout = Layout(site)
     yield group("bundle", "per-node bundle: every file and action the node runner applies")
@@ -402,6 +443,51 @@ def task_bundles(site: Site) -> Iterator[Task]:
                 )
             ],
         }
+
+
+def task_ssh(site: Site) -> Iterator[Task]:
+    """One task per SSH host file in the served qlustar/cluster/, each up to date on its own
+    text, and their SHA256SUMS written after them: editing one header (or a host's keys, names
+    or addresses) rewrites the files it changes and SHA256SUMS, and no bundle."""
+    layout = Layout(site)
+    yield group("ssh", "the cluster's ssh_known_hosts and shosts.equiv in qlustar/cluster/")
+    texts = {f.name: text for f, text in sshfiles.render_all(site).items()}
+    for f in sshfiles.HOST_FILES:
+        yield {
+            "name": f.name,
+            "doc": f"qlustar/cluster/{f.name}: {f.header} plus every host of nodes.d",
+            "file_dep": [],
+            "targets": [str(f.output(layout))],
+            "actions": [(sshfiles.write, [texts[f.name], f.output(layout)])],
+            "uptodate": [config_changed(hashlib.sha256(texts[f.name].encode()).hexdigest())],
+        }
+    sums = sshfiles.sums(texts)
+    target = layout.cluster_file(sshfiles.SUMS)
+    yield {
+        "name": sshfiles.SUMS,
+        "doc": "qlustar/cluster/SHA256SUMS: what the node runner verifies the files with",
+        "file_dep": [],
+        "targets": [str(target)],
+        # Last, so the served sums never name a file not yet served; a node that fetched the
+        # old sums and then a new file sees a mismatch and retries, as for its bundle.
+        "task_dep": [f"ssh:{f.name}" for f in sshfiles.HOST_FILES],
+        "actions": [(sshfiles.write, [sums, target])],
+        "uptodate": [config_changed(sums)],
+    }
+
+
+def task_exports(site: Site) -> Task:
+    """The NFS exports of the chroots the head serves, up to date on its text alone."""
+    from qlimage.serve import exports
+
+    text = exports.render(site)
+    return {
+        "doc": "head/exports.d/qlustar-chroots.exports: the NFS exports of the chroots",
+        "file_dep": [],
+        "targets": [str(exports.output(site))],
+        "actions": [(exports.write, [text, exports.output(site)])],
+        "uptodate": [config_changed(hashlib.sha256(text.encode()).hexdigest())],
+    }
 
 
 def task_prune(site: Site) -> Task:
@@ -487,7 +573,10 @@ def site_tasks(site: Site, p: Plan | None = None) -> dict[str, Any]:
         "pxelinux": lambda: task_pxelinux(site),
         "grub": lambda: task_grub(site),
         "ipxe": lambda: task_ipxe(site),
+        "ipxeloaders": lambda: task_ipxeloaders(site),
         "bundle": lambda: task_bundles(site),
+        "ssh": lambda: task_ssh(site),
+        "exports": lambda: task_exports(site),
         "prune": lambda: task_prune(site),
         "tftpboot": lambda: task_tftpboot(site),
         "headconfig": lambda: task_headconfigs(site),

@@ -10,7 +10,9 @@ configure mode):
     initrd's DHCP lease in /run/qlustar/net.env (identity.py);
  2. fetch <qlustar.http>/nodes/<mac>/bundle.json and its .sha256 from the head, verify and
     validate the whole bundle before anything is written (fetch.py, bundle.py);
- 3. write the bundle's files, directories and symlinks atomically (apply.py);
+ 3. write the bundle's files, directories and symlinks atomically (apply.py), then the
+    cluster-wide files <qlustar.http>/cluster/* that its SHA256SUMS lists and verifies
+    (ssh_known_hosts, shosts.equiv: cluster.py);
  4. perform the bundle's actions (hostname, IPMI address, commands, lines ensured in
     files of the image) (actions.py);
  5. initialize and mount the local disk described by /etc/qlustar/options.d/disk-config,

@@ -1,4 +1,5 @@
-"""Fetching the node's bundle from the head and verifying it against its checksum file."""
+"""Fetching the node's bundle from the head and verifying it against its checksum file; the
+retry loop the cluster files (cluster.py) share."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from typing import TypeVar
 
 from . import names, paths
 from .bundle import BundleError
 from .report import Reporter
 
 Fetcher = Callable[[str], bytes]
+T = TypeVar("T")
 
 
 class FetchError(BundleError):
@@ -75,16 +78,22 @@ def fetch_verified(url: str, fetch: Fetcher) -> tuple[bytes, str]:
 def fetch_bundle(url: str, fetch: Fetcher, reporter: Reporter) -> tuple[bytes, str]:
     """Fetch and verify with a few retries; a mismatch is retried too, since the head
     may have been rewriting the bundle between our two requests."""
+    return with_retries(f"bundle {url}", lambda: fetch_verified(url, fetch), reporter)
+
+
+def with_retries(what: str, attempt: Callable[[], T], reporter: Reporter) -> T:
+    """attempt() with a few retries (paths.RETRY_DELAYS), none after a permanent error;
+    raises FetchError("cannot fetch <what>: <reason>") when every attempt failed."""
     delays = [*paths.RETRY_DELAYS, None]
-    for attempt, delay in enumerate(delays, 1):
+    for number, delay in enumerate(delays, 1):
         try:
-            return fetch_verified(url, fetch)
+            return attempt()
         # HTTPException: e.g. IncompleteRead when the connection drops mid-transfer.
         except (OSError, ValueError, http.client.HTTPException, FetchError) as e:
             reason = describe_error(e)
             if delay is None or is_permanent(e):
-                raise FetchError(f"cannot fetch bundle {url}: {reason}") from e
-            reporter.detail(f"fetch attempt {attempt} failed ({reason}); retrying in {delay:g}s")
+                raise FetchError(f"cannot fetch {what}: {reason}") from e
+            reporter.detail(f"fetch attempt {number} failed ({reason}); retrying in {delay:g}s")
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -11,6 +11,7 @@ from .actions import perform_actions, run_init_scripts
 from .apply import apply_files
 from .bundle import Bundle, BundleError, check_node_paths, parse_bundle
 from .clock import sync_clock
+from .cluster import install_cluster_files
 from .commands import Runner, run_command
 from .disk import initialize_disks
 from .fetch import Fetcher, bundle_url, check_base_url, fetch_bundle, fetch_url
@@ -22,7 +23,9 @@ EXIT_OK = 0  # bundle applied; failed actions, disk setup and scripts are in the
 EXIT_INTERNAL = 1  # unexpected error in the runner itself (a bug; traceback in runner.log)
 EXIT_USAGE = 2  # bad command-line arguments (argparse)
 EXIT_UNCONFIGURED = 3  # no usable bundle: nothing was written, no actions, no scripts
-EXIT_PARTIAL = 4  # writing the bundle failed part-way: actions, disk and scripts skipped
+# Writing the bundle failed part-way (actions, disk and scripts skipped), or the cluster files
+# could not be installed (everything else done).
+EXIT_PARTIAL = 4
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -80,6 +83,10 @@ def configure_node(identity: NodeIdentity, fetch: Fetcher, run: Runner, reporter
         )
         return EXIT_PARTIAL
     reporter.step(f"bundle applied: {len(bundle.files)} files (sha256 {bundle.sha256[:12]})")
+    # Before the actions and scripts, which may start sshd; without them the node still
+    # works, so a failure only makes the status partial.
+    assert identity.base  # load_bundle fetched from it
+    cluster_ok = install_cluster_files(identity.base, fetch, reporter)
     failed_actions = perform_actions(bundle.actions, run, reporter)
     # Before the init.d scripts: they may use the local file systems.
     disks, failed_disks = initialize_disks(run, reporter)
@@ -89,7 +96,7 @@ def configure_node(identity: NodeIdentity, fetch: Fetcher, run: Runner, reporter
         f"({failed_actions} failed), {disks} disks ({failed_disks} failed), "
         f"{scripts} scripts ({failed_scripts} failed)"
     )
-    return EXIT_OK
+    return EXIT_OK if cluster_ok else EXIT_PARTIAL
 
 
 def run_init_d_only(run: Runner, reporter: Reporter) -> int:

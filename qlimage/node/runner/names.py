@@ -11,6 +11,16 @@ NODES_DIR = "nodes"
 BUNDLE_FILE = "bundle.json"
 CHECKSUM_SUFFIX = ".sha256"
 
+# The cluster-wide public files below <qlustar.http>/cluster/, listed with their digests in
+# SHA256SUMS: the runner installs only the names of this table, each at its node path.
+CLUSTER_DIR = "cluster"
+CLUSTER_SUMS = "SHA256SUMS"
+CLUSTER_FILES = (
+    ("shosts.equiv", "/etc/ssh/shosts.equiv"),
+    ("ssh_known_hosts", "/etc/ssh/ssh_known_hosts"),
+)
+CLUSTER_FILE_MODE = 0o644
+
 # Kernel command-line keys the runner reads.
 CMDLINE_HTTP = "qlustar.http"
 CMDLINE_BOOTIF = "BOOTIF"
