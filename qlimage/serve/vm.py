@@ -151,7 +151,13 @@ def nic_device(fw: Firmware, host: Host) -> str:
 
 
 def qemu_command(
-    site: Site, host: Host, tftpboot: Path, memory: int, fw: Firmware, scratch: Path
+    site: Site,
+    host: Host,
+    tftpboot: Path,
+    memory: int,
+    fw: Firmware,
+    scratch: Path,
+    hostfwd: Iterable[str] = (),
 ) -> list[str]:
     net = site.boot_network
     addr = site.boot_address(host)
@@ -164,6 +170,9 @@ def qemu_command(
         f"user,id=n0,net={net.cidr},host={site.head_address},dhcpstart={addr},"
         f"tftp={tftpboot},bootfile={fw.bootfile}"
     )
+    # Port forwards into the node (QEMU's syntax, e.g. tcp:127.0.0.1:2222-:22): how the host
+    # reaches a service the node runs, such as sshd, without tap devices or root.
+    netdev += "".join(f",hostfwd={rule}" for rule in hostfwd)
     return [
         "qemu-system-x86_64",
         "-accel",
@@ -198,10 +207,15 @@ def boot(
     on_line: Callable[[str], None] | None = None,
     settle: float = 1.0,
     firmware: str = "bios",
+    hostfwd: Iterable[str] = (),
+    devices: Iterable[str] = (),
+    while_up: Callable[[], None] | None = None,
 ) -> BootResult:
     """Boot `node` with `firmware` (a FIRMWARES name) and watch its console until every
     success pattern appeared (ok), a failure pattern appeared, QEMU exited or `timeout`
-    seconds passed."""
+    seconds passed. `hostfwd`: QEMU port forwards into the node; `devices`: more QEMU
+    arguments (a second NIC...); `while_up`: called once the boot succeeded, with the node
+    still running (to reach it over a forwarded port), before QEMU is stopped."""
     host = site.host(node)
     layout = Layout(site)
     fw = FIRMWARES[firmware]
@@ -213,7 +227,8 @@ def boot(
     failing = [re.compile(p) for p in failure]
     scratch = Path(tempfile.mkdtemp(prefix="qlimage-vm."))
     try:
-        command = qemu_command(site, host, layout.tftpboot, memory, fw, scratch)
+        command = qemu_command(site, host, layout.tftpboot, memory, fw, scratch, hostfwd)
+        command += list(devices)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -261,6 +276,9 @@ def boot(
             if not pending:
                 result.ok, result.reason = True, "boot reached init.qlustar"
                 drain(lines, console, on_line, settle)
+                if while_up:
+                    while_up()
+                    drain(lines, console, on_line, 0.5)  # what the node printed meanwhile
                 break
     result.seconds = time.monotonic() - start
     return result

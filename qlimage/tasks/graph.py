@@ -216,7 +216,12 @@ def group(basename: str, doc: str) -> Task:
 def task_modules(site: Site) -> Iterator[Task]:
     layout = Layout(site)
     yield group("module", "image-module .debs built from modules/*/recipe.toml")
+    # Only what an image uses: a recipe kept for later (the systemd module on the demo site)
+    # costs nothing until an image names it.
+    used = {m for image in site.images.values() for m in image.modules}
     for r in site.recipes:
+        if r.module not in used:
+            continue
         files = sync_manifest(r.directory, layout.manifests / f"module-{r.module}.manifest")
         yield {
             "name": r.module,
