@@ -663,3 +663,22 @@ CHROOT_HOST = (
     '\n[[hosts]]\nname = "chroot-01"\nmac = "52:54:00:aa:00:02"\nimage = "demo"\n'
     'networks.boot = "10.0.2.41"\noptions = { chroot = "base", rootfs = ["tweaks"] }\n'
 )
+
+
+# --- a command run as a user runs it ---------------------------------------------------
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert proc.returncode == 0, f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def refused(proc: subprocess.CompletedProcess[str], *names: str) -> str:
+    """Status 2, exactly one line on stderr naming `names`, no traceback; returns the line."""
+    detail = f"status {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, detail
+    assert "Traceback" not in proc.stderr + proc.stdout, detail
+    assert len(lines) == 1, detail
+    assert all(n in lines[0] for n in names), detail
+    return lines[0]

@@ -22,7 +22,7 @@ from qlimage.admin.editor import check_spelling, editor_command
 from qlimage.errors import QlimageError
 from qlimage.layout import Layout
 
-from helpers import clone_built_site, served_listing, tree_listing
+from helpers import clone_built_site, ok, refused, served_listing, tree_listing
 
 EDIT = Path(sys.executable).parent / "qlustar-image-edit"
 TIMEOUT = 900  # seconds: a rebuild of the image on a busy machine
@@ -74,22 +74,6 @@ def edit(
     return subprocess.run(
         [str(EDIT), *args], env=full, capture_output=True, text=True, timeout=TIMEOUT
     )
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert proc.returncode == 0, f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def refused(proc: subprocess.CompletedProcess[str], *names: str) -> str:
-    """Status 2, exactly one line on stderr naming `names`, no traceback; returns the line."""
-    detail = f"status {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, detail
-    assert "Traceback" not in proc.stderr + proc.stdout, detail
-    assert len(lines) == 1, detail
-    assert all(n in lines[0] for n in names), detail
-    return lines[0]
 
 
 def common(site: Path, rel: str) -> Path:

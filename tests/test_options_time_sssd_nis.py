@@ -225,16 +225,6 @@ def node_bundle_of(site: Site, name: str) -> node_bundle.Bundle:
 
 
 @pytest.fixture
-def head() -> Head:
-    return Head()
-
-
-@pytest.fixture
-def commands() -> Commands:
-    return Commands()
-
-
-@pytest.fixture
 def short_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(node_paths, "TIME_SYNC_TIMEOUT", 1)
     yield

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import QLIMAGE, REPO, clone_built_site, tree_listing
+from helpers import QLIMAGE, REPO, clone_built_site, ok, refused, tree_listing
 
 TIMEOUT = 900  # seconds: a command that rebuilds, on a busy machine
 PROMPT_WAIT = 60.0  # seconds: the longest the prompt may take to appear
@@ -39,22 +39,6 @@ def rootfs(
         text=True,
         timeout=TIMEOUT,
     )
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert proc.returncode == 0, f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def refused(proc: subprocess.CompletedProcess[str], *names: str) -> str:
-    """Status 2, exactly one line on stderr naming `names`, no traceback; returns the line."""
-    detail = f"status {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, detail
-    assert "Traceback" not in proc.stderr + proc.stdout, detail
-    assert len(lines) == 1, detail
-    assert all(n in lines[0] for n in names), detail
-    return lines[0]
 
 
 def delete_on_terminal(site: Path, name: str, answer: bytes | None) -> tuple[int, str, str]:

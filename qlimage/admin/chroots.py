@@ -24,7 +24,7 @@ import shlex
 import stat
 import tempfile
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,13 +319,7 @@ def create(
                     " are above); nothing was created"
                 )
 
-        make_tree_aside(place, bootstrap)
-        try:
-            write_definition(site, name, data)
-        except BaseException:
-            remove_in_root(place)
-            raise
-        status = rebuild(site, wait) if build else None
+        status = install(site, name, place, bootstrap, data, wait=wait, build=build)
     return Outcome(name, place, status)
 
 
@@ -401,17 +395,35 @@ def clone(
         if description is not None:
             data["description"] = description
         place = new_tree_place(site, name)
+
         # cp -a keeps owners, modes, links, hard links, xattrs; a reflink where possible.
-        make_tree_aside(
-            place, lambda t: run(["cp", "-a", "--reflink=auto", "--", f"{tree}/.", str(t)])
-        )
-        try:
-            write_definition(site, name, data)
-        except BaseException:
-            remove_in_root(place)
-            raise
-        status = rebuild(site, wait) if build else None
+        def copy(t: Path) -> None:
+            run(["cp", "-a", "--reflink=auto", "--", f"{tree}/.", str(t)])
+
+        status = install(site, name, place, copy, data, wait=wait, build=build)
     return Outcome(name, place, status)
+
+
+def install(
+    site: Site,
+    name: str,
+    place: Path,
+    fill: Callable[[Path], None],
+    data: dict[str, Any],
+    *,
+    wait: bool,
+    build: bool,
+) -> int | None:
+    """A new chroot, under the lock: its tree filled beside `place` and renamed in, then its
+    definition (the tree goes again if that fails: never a definition without its tree nor
+    a tree without one), then the rebuild. The build's status, None with --no-build."""
+    make_tree_aside(place, fill)
+    try:
+        write_definition(site, name, data)
+    except BaseException:
+        remove_in_root(place)
+        raise
+    return rebuild(site, wait) if build else None
 
 
 def edit(

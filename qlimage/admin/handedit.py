@@ -168,14 +168,7 @@ def repack(site: Site, part: str, tree: Path, output: Path) -> None:
     if part == "initrd":
         initrd.make_cpio(tree, output, site.source_date_epoch)
         return
-    squashfs.make_squashfs(
-        tree,
-        output,
-        compressor=site.squashfs_compressor,
-        level=site.squashfs_level,
-        block_size=site.squashfs_block_size,
-        epoch=site.source_date_epoch,
-    )
+    squashfs.pack_image(site, tree, output)
 
 
 def fill_generation(

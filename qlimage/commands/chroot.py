@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
-from qlimage.errors import QlimageError
+from qlimage.commands.interact import confirm, finish
 
 if TYPE_CHECKING:
-    from qlimage.admin.chroots import Outcome
     from qlimage.site import Site
 
 
@@ -86,7 +85,7 @@ def cmd_create(site: Site, args: argparse.Namespace) -> int:
         build=not args.no_build,
     )
     print(f"chroot {args.name}: created in {outcome.tree}")
-    return finish(site, outcome)
+    return finish(site.paths.root, outcome.rebuilt, changed=outcome.changed)
 
 
 def cmd_clone(site: Site, args: argparse.Namespace) -> int:
@@ -101,7 +100,7 @@ def cmd_clone(site: Site, args: argparse.Namespace) -> int:
         build=not args.no_build,
     )
     print(f"chroot {args.name}: cloned from {args.source} into {outcome.tree}")
-    return finish(site, outcome)
+    return finish(site.paths.root, outcome.rebuilt, changed=outcome.changed)
 
 
 def cmd_edit(site: Site, args: argparse.Namespace) -> int:
@@ -115,7 +114,7 @@ def cmd_edit(site: Site, args: argparse.Namespace) -> int:
         build=not args.no_build,
     )
     print(f"chroot {args.name}: description {'set' if outcome.changed else 'unchanged'}")
-    return finish(site, outcome)
+    return finish(site.paths.root, outcome.rebuilt, changed=outcome.changed)
 
 
 def cmd_remove(site: Site, args: argparse.Namespace) -> int:
@@ -126,11 +125,16 @@ def cmd_remove(site: Site, args: argparse.Namespace) -> int:
     tree = managed_tree(site, chroot)
     if not args.yes:
         what = f"its tree {tree} and " if tree else ""
-        confirm(f"Remove chroot {args.name}: {what}its definition? [y/N] ", sys.stdin)
+        confirm(
+            f"Remove chroot {args.name}: {what}its definition? [y/N] ",
+            sys.stdin,
+            "chroot remove",
+            "removed",
+        )
     outcome = remove(site, args.name, wait=not args.no_wait, build=not args.no_build)
     kept = "" if tree else f" (its tree {chroot.path} is not under [paths] chroot_trees: kept)"
     print(f"chroot {args.name}: removed{kept}")
-    return finish(site, outcome)
+    return finish(site.paths.root, outcome.rebuilt, changed=outcome.changed)
 
 
 def cmd_list(site: Site, args: argparse.Namespace) -> int:
@@ -155,24 +159,3 @@ def cmd_list(site: Site, args: argparse.Namespace) -> int:
     for r in [header, *rows]:
         print("  ".join(f"{v:<{w}}" for v, w in zip(r, widths, strict=False)) + "  " + r[-1])
     return 0
-
-
-def confirm(question: str, stdin: TextIO) -> None:
-    """Ask on the terminal; anything but y/yes, no terminal or no answer refuses."""
-    if stdin is None or not stdin.isatty():
-        raise QlimageError(
-            "chroot remove: no terminal to confirm on; nothing removed",
-            hint="pass --yes to remove without a confirmation",
-        )
-    print(question, end="", file=sys.stderr, flush=True)
-    if stdin.readline().strip().lower() not in ("y", "yes"):
-        raise QlimageError("chroot remove: not confirmed; nothing removed")
-
-
-def finish(site: Site, outcome: Outcome) -> int:
-    if not outcome.changed:
-        return 0  # nothing changed, nothing to rebuild
-    if outcome.rebuilt is None:
-        print(f"not rebuilt (--no-build); to rebuild: qlimage -C {site.paths.root} build")
-        return 0
-    return outcome.rebuilt

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
-from qlimage.errors import QlimageError
+from qlimage.commands.interact import confirm, finish
 
 if TYPE_CHECKING:
     from qlimage.admin.editor import Outcome
@@ -51,7 +51,7 @@ def cmd_new(site: Site, args: argparse.Namespace) -> int:
 
     outcome = create(site, args.name, wait=not args.no_wait, build=not args.no_build)
     print(f"{shown(site, outcome)}: created; add files: qlimage edit -r -e {args.name} PATH")
-    return finish(site, outcome)
+    return finish(site.paths.root, outcome.rebuilt)
 
 
 def cmd_delete(site: Site, args: argparse.Namespace) -> int:
@@ -64,33 +64,15 @@ def cmd_delete(site: Site, args: argparse.Namespace) -> int:
             f"Delete Root FS Customization config {args.name}? Every file and directory under"
             f" {path} ({file_count(path)} files) will be deleted. [y/N] ",
             sys.stdin,
+            "rootfs delete",
+            "deleted",
         )
     from qlimage.admin.rootfs import delete
 
     outcome = delete(site, args.name, wait=not args.no_wait, build=not args.no_build)
     print(f"{shown(site, outcome)}: deleted")
-    return finish(site, outcome)
-
-
-def confirm(question: str, stdin: TextIO) -> None:
-    """Ask on the terminal; anything but y/yes, no terminal or no answer refuses."""
-    if stdin is None or not stdin.isatty():
-        raise QlimageError(
-            "rootfs delete: no terminal to confirm on; nothing deleted",
-            hint="pass --yes to delete without a confirmation",
-        )
-    print(question, end="", file=sys.stderr, flush=True)
-    answer = stdin.readline().strip().lower()
-    if answer not in ("y", "yes"):
-        raise QlimageError("rootfs delete: not confirmed; nothing deleted")
+    return finish(site.paths.root, outcome.rebuilt)
 
 
 def shown(site: Site, outcome: Outcome) -> str:
     return os.path.relpath(outcome.path, site.paths.root)
-
-
-def finish(site: Site, outcome: Outcome) -> int:
-    if outcome.rebuilt is None:
-        print(f"not rebuilt (--no-build); to rebuild: qlimage -C {site.paths.root} build")
-        return 0
-    return outcome.rebuilt

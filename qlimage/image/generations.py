@@ -78,14 +78,7 @@ def publish_image(site: Site, image: Image, resolved: str) -> None:
 def build_image(site: Site, image: Image, resolved: str, gen: Path) -> list[Path]:
     staged = Layout(site).stage(image.name)
     img = gen / contract.image_file(image.name)
-    squashfs.make_squashfs(
-        staged,
-        img,
-        compressor=site.squashfs_compressor,
-        level=site.squashfs_level,
-        block_size=site.squashfs_block_size,
-        epoch=site.source_date_epoch,
-    )
+    squashfs.pack_image(site, staged, img)
     (gen / contract.MODULES_JSON).write_text(resolved)
     checksum = gen / contract.image_sum_file(image.name)
     checksum.write_text(contract.checksum_line(file_digest(img), img.name))

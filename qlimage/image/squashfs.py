@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlimage.atomic import atomic_path
 from qlimage.progress import Progress, SquashfsBar
 from qlimage.run import run
+
+if TYPE_CHECKING:
+    from qlimage.site import Site
 
 
 def mksquashfs_command(
@@ -78,3 +82,16 @@ def make_squashfs(
         )
         shown.finish()
         os.chmod(tmp, 0o644)
+
+
+def pack_image(site: Site, tree: Path, output: Path) -> None:
+    """The one way an image is packed: the site's compressor, level, block size and epoch
+    (a build from inputs and a hand edit's repack give the same bytes for the same tree)."""
+    make_squashfs(
+        tree,
+        output,
+        compressor=site.squashfs_compressor,
+        level=site.squashfs_level,
+        block_size=site.squashfs_block_size,
+        epoch=site.source_date_epoch,
+    )
