@@ -75,6 +75,8 @@ DEBIAN_PACKAGE = {
     "zstd": "zstd",
     "xz": "xz-utils",
     "gpgv": "gpgv",
+    "mkpasswd": "whois",
+    "mmdebstrap": "mmdebstrap",
 }
 
 

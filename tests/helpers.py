@@ -643,6 +643,7 @@ def chroot_node(root: Path, port: int, chroot: str = "base") -> Iterator[None]:
     an existing one (`qlimage chroot create`) is used as it is."""
     definition = root / f"chroots/{chroot}/chroot.toml"
     written = not definition.exists()
+    made_dir = not definition.parent.exists()  # removed after, or it would stay the chroot's name
     if written:
         definition.parent.mkdir(parents=True, exist_ok=True)
         definition.write_text(f'export = "/chroot"\nport = {port}\ndescription = "test chroot"\n')
@@ -656,6 +657,8 @@ def chroot_node(root: Path, port: int, chroot: str = "base") -> Iterator[None]:
         nodes.write_text(saved)
         if written:
             definition.unlink()
+        if made_dir:
+            definition.parent.rmdir()
         qlimage("-C", str(root), "build")
 
 

@@ -415,11 +415,12 @@ def task_ipxe(site: Site) -> Task:
 
 def task_ipxeloaders(site: Site) -> Iterator[Task]:
     """iPXE itself in the TFTP tree, only for a site with a boot config that chain-loads it."""
+    yield group("ipxeloaders", "iPXE binaries for the boot configs with loader = \"ipxe\"")
     if not any(b.loader == "ipxe" for b in site.bootconfigs.values()):
         return
     names = loaders.loader_names(loaders.IPXE_LOADERS)
     yield {
-        "basename": "ipxeloaders",
+        "name": "loaders",
         "doc": "undionly.kpxe (BIOS) and snponly.efi (UEFI) from Debian's ipxe package",
         "file_dep": [],
         "targets": [str(Layout(site).tftpboot / n) for n in names],
