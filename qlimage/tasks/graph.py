@@ -415,7 +415,7 @@ def task_ipxe(site: Site) -> Task:
 
 def task_ipxeloaders(site: Site) -> Iterator[Task]:
     """iPXE itself in the TFTP tree, only for a site with a boot config that chain-loads it."""
-    yield group("ipxeloaders", "iPXE binaries for the boot configs with loader = \"ipxe\"")
+    yield group("ipxeloaders", 'iPXE binaries for the boot configs with loader = "ipxe"')
     if not any(b.loader == "ipxe" for b in site.bootconfigs.values()):
         return
     names = loaders.loader_names(loaders.IPXE_LOADERS)
