@@ -148,37 +148,26 @@ def test_vm_refuses_contradictory_firmware_flags(flags: list[str], tmp_path: Pat
 # --- the built site: loaders and configs in the TFTP tree -------------------------------------
 
 
+def signatures(path: Path) -> str:
+    """What `sbverify --list` says of a PE image's signatures."""
+    return subprocess.run(
+        ["sbverify", "--list", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def test_tftp_tree_holds_the_signed_loaders(built_site: Path) -> None:
     layout = Layout(built_site / "bootfiles")
     for name in loaders.loader_names():
         data = (layout.tftpboot / name).read_bytes()
         assert data[:2] == b"MZ", name  # a PE/COFF image
-    listing = subprocess.run(
-        ["sbverify", "--list", str(layout.tftpboot / "grubx64.efi")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "Debian Secure Boot" in listing
-    shim = subprocess.run(
-        ["sbverify", "--list", str(layout.tftpboot / "bootx64.efi")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "Microsoft" in shim
+    assert "Debian Secure Boot" in signatures(layout.tftpboot / "grubx64.efi")
+    assert "Microsoft" in signatures(layout.tftpboot / "bootx64.efi")
 
 
 def test_kernel_is_debian_signed(built_site: Path) -> None:
     """Secure Boot needs the Debian-signed kernel: the kernel package is built from
     linux-signed-amd64, and the initrd's modules come from the same package."""
-    listing = subprocess.run(
-        ["sbverify", "--list", str(Layout(built_site / "bootfiles").vmlinuz)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "Debian Secure Boot Signer" in listing
+    assert "Debian Secure Boot Signer" in signatures(Layout(built_site / "bootfiles").vmlinuz)
 
 
 def test_built_configs_are_the_rendered_ones(built_site: Path) -> None:

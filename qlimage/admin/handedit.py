@@ -206,7 +206,9 @@ def hand_edited(generation: Path | None) -> dict[str, str] | None:
         return None
     except (OSError, ValueError) as e:
         raise QlimageError(f"{generation / contract.HAND_EDITED}: unreadable marker: {e}") from e
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise QlimageError(f"{generation / contract.HAND_EDITED}: not a JSON object")
+    return data
 
 
 def reset_edits(site: Site, images: list[str], *, wait: bool, build: bool) -> list[str]:

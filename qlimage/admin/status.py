@@ -148,15 +148,12 @@ def generation_info(root: Path) -> tuple[str | None, Path | None, list[str]]:
 def read_hand_edit(gen: Path | None) -> dict[str, Any] | None:
     """The hand-edited marker (`qlimage edit -i/-s`) of a generation, None for one built from
     inputs; an unreadable marker still says the generation was hand-edited."""
-    if gen is None:
-        return None
+    from qlimage.admin.handedit import hand_edited
+
     try:
-        data = json.loads((gen / contract.HAND_EDITED).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
+        return hand_edited(gen)
+    except QlimageError as e:
         return {"unreadable": str(e)}
-    return data if isinstance(data, dict) else {"unreadable": "not a JSON object"}
 
 
 def file_size(path: Path) -> int | None:
@@ -452,7 +449,7 @@ def stage_reasons(
     layout = Layout(site)
     out: list[str] = []
     if why.get("missing_target"):
-        out.append(f"no staged tree ({rel(site, layout.stage_manifest(image))} missing)")
+        out.append(f"no staged tree ({site.relative(layout.stage_manifest(image))} missing)")
     manifests = {
         str(layout.manifests / f"overlay-{layer.name}.manifest"): layer
         for layer in overlays.layers(site.paths.overlays, image)
@@ -462,9 +459,9 @@ def stage_reasons(
         if dep in manifests:
             out += overlay_reasons(site, image, manifests[dep], layers)
         elif not modules_changed:
-            out.append(f"module package {rel(site, Path(dep))} changed")
+            out.append(f"module package {site.relative(Path(dep))} changed")
     for dep in why.get("missing_file_dep") or []:
-        out.append(f"module package {rel(site, Path(dep))} missing")
+        out.append(f"module package {site.relative(Path(dep))} missing")
     if why.get("uptodate_false") and not modules_changed:
         out += stage_setting_changes(site, image)
     if not out and not modules_changed and why.get("has_no_dependencies") is not True:
@@ -491,7 +488,7 @@ def stage_setting_changes(site: Site, image: str) -> list[str]:
     except QlimageError:
         now = None
     if before != now:
-        pw = rel(site, site.images[image].root_hash_file)
+        pw = site.relative(site.images[image].root_hash_file)
         out.append(f"the root password changed ({pw}, else the head's)")
     if changed := changed_node_files(staged):
         more = f" and {len(changed) - NAMED_FILES} more" if len(changed) > NAMED_FILES else ""
@@ -546,12 +543,12 @@ def overlay_reasons(site: Site, image: str, layer: Path, layers: Sequence[Path])
     later = layers[list(layers).index(layer) + 1 :]
     changed = changed_overlay_files(layer, Layout(site).stage(image), later)
     if changed:
-        shown = ", ".join(rel(site, p) for p in changed[:NAMED_FILES])
+        shown = ", ".join(site.relative(p) for p in changed[:NAMED_FILES])
         more = f" and {len(changed) - NAMED_FILES} more" if len(changed) > NAMED_FILES else ""
         return [f"overlay file {shown}{more} changed"]
     if (layer / "remove").exists():
-        return [f"overlay {rel(site, layer)} changed (a file removed, or its remove list)"]
-    return [f"overlay {rel(site, layer)} changed (a file removed)"]
+        return [f"overlay {site.relative(layer)} changed (a file removed, or its remove list)"]
+    return [f"overlay {site.relative(layer)} changed (a file removed)"]
 
 
 def changed_overlay_files(layer: Path, stage: Path, later: Sequence[Path]) -> list[Path]:
@@ -600,13 +597,6 @@ def same_bytes(a: Path, b: Path) -> bool:
         return file_digest(a) == file_digest(b)
     except OSError:
         return False
-
-
-def rel(site: Site, path: Path) -> str:
-    try:
-        return str(path.relative_to(site.paths.root))
-    except ValueError:
-        return str(path)
 
 
 def unique(items: Iterable[str]) -> list[str]:

@@ -53,11 +53,7 @@ def loader_names(loaders: tuple[Loader, ...] = LOADERS) -> list[str]:
     return [loader.name for loader in loaders]
 
 
-def install_ipxe_loaders(site: Site) -> None:
-    install_uefi_loaders(site, IPXE_LOADERS)
-
-
-def install_uefi_loaders(site: Site, loaders: tuple[Loader, ...] = LOADERS) -> None:
+def install_loaders(site: Site, loaders: tuple[Loader, ...]) -> None:
     """Fetch (or reuse from the cache) each loader's package and copy its signed file into
     the TFTP tree, unchanged: a single changed byte would break its signature."""
     from qlimage.pool.mirror import fetch_package  # the archive client pulls in requests

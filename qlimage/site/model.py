@@ -226,6 +226,13 @@ class Site:
         known = ", ".join(h.name for h in self.hosts) or "none"
         raise ConfigError([f"unknown node {name!r} (nodes in nodes.d: {known})"])
 
+    def relative(self, path: Path) -> str:
+        """A path as messages name it: relative to the site root when it is below it."""
+        try:
+            return str(path.relative_to(self.paths.root))
+        except ValueError:
+            return str(path)
+
     def boot_address(self, host: Host) -> str:
         addr = host.address_on(self.boot_network.name)
         assert addr is not None  # checked when the site was loaded

@@ -115,7 +115,7 @@ def resolve_image(
 ) -> list[ModulePackage]:
     """The image's modules in image order; each one that cannot be resolved is a problem line
     naming the image file and the module's place in it (`images.d/x.toml: .modules[1]: ...`)."""
-    where = site_relative(site, image.source)
+    where = site.relative(image.source)
     out = []
     for module in image.modules:
         try:
@@ -125,13 +125,6 @@ def resolve_image(
             at = at or ".modules (core, which every image has)"
             problems.append(f"{where}: {at}: {e}")
     return out
-
-
-def site_relative(site: Site, path: Path) -> str:
-    try:
-        return str(path.relative_to(site.paths.root))
-    except ValueError:
-        return str(path)
 
 
 @dataclass(frozen=True)
@@ -376,18 +369,11 @@ def task_grub(site: Site) -> Iterator[Task]:
     the names, the architecture or the files change) and GRUB's default and per-host configs."""
     layout = Layout(site)
     yield group("grub", "UEFI netboot: signed shim and GRUB in tftpboot/, grub/ configs")
-    yield {
-        "name": "loaders",
-        "doc": "shim (bootx64.efi) and GRUB (grubx64.efi) from Debian's signed packages",
-        "file_dep": [],
-        "targets": [str(layout.tftpboot / n) for n in loaders.loader_names()],
-        "actions": [(loaders.install_uefi_loaders, [site])],
-        "uptodate": [
-            config_changed(
-                {"loaders": [vars(x) for x in loaders.LOADERS], "arch": site.archive.arch}
-            )
-        ],
-    }
+    yield loaders_task(
+        site,
+        loaders.LOADERS,
+        "shim (bootx64.efi) and GRUB (grubx64.efi) from Debian's signed packages",
+    )
     configs = grub.configs(site)
     yield {
         "name": "configs",
@@ -418,17 +404,24 @@ def task_ipxeloaders(site: Site) -> Iterator[Task]:
     yield group("ipxeloaders", 'iPXE binaries for the boot configs with loader = "ipxe"')
     if not any(b.loader == "ipxe" for b in site.bootconfigs.values()):
         return
-    names = loaders.loader_names(loaders.IPXE_LOADERS)
-    yield {
+    yield loaders_task(
+        site,
+        loaders.IPXE_LOADERS,
+        "undionly.kpxe (BIOS) and snponly.efi (UEFI) from Debian's ipxe package",
+    )
+
+
+def loaders_task(site: Site, chosen: tuple[loaders.Loader, ...], doc: str) -> Task:
+    """Boot loaders copied from Debian packages into the TFTP tree (by package name, like the
+    kernel: fetched again when the names, the architecture or the files change)."""
+    return {
         "name": "loaders",
-        "doc": "undionly.kpxe (BIOS) and snponly.efi (UEFI) from Debian's ipxe package",
+        "doc": doc,
         "file_dep": [],
-        "targets": [str(Layout(site).tftpboot / n) for n in names],
-        "actions": [(loaders.install_ipxe_loaders, [site])],
+        "targets": [str(Layout(site).tftpboot / n) for n in loaders.loader_names(chosen)],
+        "actions": [(loaders.install_loaders, [site, chosen])],
         "uptodate": [
-            config_changed(
-                {"loaders": [vars(x) for x in loaders.IPXE_LOADERS], "arch": site.archive.arch}
-            )
+            config_changed({"loaders": [vars(x) for x in chosen], "arch": site.archive.arch})
         ],
     }
 
