@@ -179,7 +179,9 @@ def test_nodes_last_fetch_and_stale(built_copy: Path, tmp_path: Path) -> None:
         # Later, but not a fetch of a generation: a 404, and the `current` indirection.
         + access_line(1800000003.0, "10.0.2.16", f"{images}/{old}/demo.img", status=404)
         + access_line(1800000004.0, "10.0.2.15", f"{images}/current/generation")
-        + access_line(1800000005.0, "10.0.2.99", f"{images}/{old}/demo.img"),  # no node
+        + access_line(1800000005.0, "10.0.2.99", f"{images}/{old}/demo.img")  # no node
+        # The raw URI of a request nginx resolved to the new image: not a plain name, ignored.
+        + access_line(1800000006.0, "10.0.2.15", f"{images}/%1b%5b31m/..%2f/{new}/demo.img"),
     )
     data = status(built_copy)
     beo1, beo2 = node_entry(data, "beo-01"), node_entry(data, "beo-02")
@@ -196,6 +198,7 @@ def test_nodes_last_fetch_and_stale(built_copy: Path, tmp_path: Path) -> None:
     table = qlimage("-C", str(built_copy), "status").stdout
     (row,) = [line for line in table.splitlines() if line.startswith("beo-01 ")]
     assert row.split()[-1] == "STALE" and old in row
+    assert "\x1b" not in table
     (demo_row,) = [line for line in table.splitlines() if line.startswith("demo ")]
     assert demo_row.split()[5] == "yes"  # HAND-EDITED (SIZE is two words)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,8 @@ from qlimage.trees import file_digest, resolve_in_root, walk
 LOG_TAIL_BYTES = 64 * 1024 * 1024
 # HTTP statuses that mean the node got the file (304: a client's cached copy is current).
 FETCHED = frozenset({200, 206, 304})
+# An image or generation name as the build writes them (no `..`, no control characters).
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # A torn doit state (a build writing it in place) is read again after this pause, once.
 STATE_RETRY_S = 0.2
 # The changed overlay files a reason names before it says "and N more".
@@ -669,8 +672,12 @@ def note_fetch(line: str, prefix: str, summary: LogSummary) -> None:
     if not path.startswith(prefix):
         return
     parts = path[len(prefix) :].split("/")
-    if len(parts) < 3 or not parts[0] or not parts[1] or parts[1] == contract.CURRENT:
+    if len(parts) < 3 or parts[1] == contract.CURRENT:
         return  # current/generation: asked which, fetched nothing of one yet
+    # The log has the raw request URI: a node may spell `..` or escapes that nginx resolved
+    # before serving. Only plain names count, and only they reach the admin's terminal.
+    if not (PLAIN_NAME.fullmatch(parts[0]) and PLAIN_NAME.fullmatch(parts[1])):
+        return
     summary.requests += 1
     last = summary.fetches.get(entry.address)
     if last is None or entry.time >= last.time:
