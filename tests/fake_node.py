@@ -133,6 +133,7 @@ class Commands:
         self.status: dict[str, int] = {}  # basename of argv[0] -> exit status
         self.argv_status: dict[str, int] = {}  # the whole command line -> status (first)
         self.effects: dict[str, Callable[[list[str]], None]] = {}  # basename -> side effect
+        self.output: dict[str, str] = {}  # basename -> its output (else a made-up two lines)
 
     def __call__(self, argv: Sequence[str], input: str | None = None) -> tuple[int, str]:
         self.calls.append(list(argv))
@@ -141,7 +142,7 @@ class Commands:
         if name in self.effects:
             self.effects[name](list(argv))
         status = self.argv_status.get(" ".join(argv), self.status.get(name, 0))
-        return status, f"output of {name}\nsecond line of {name}\n"
+        return status, self.output.get(name, f"output of {name}\nsecond line of {name}\n")
 
     def names(self) -> list[str]:
         return [os.path.basename(c[0]) for c in self.calls]

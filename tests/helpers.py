@@ -685,3 +685,48 @@ def refused(proc: subprocess.CompletedProcess[str], *names: str) -> str:
     assert len(lines) == 1, detail
     assert all(n in lines[0] for n in names), detail
     return lines[0]
+
+
+# --- an NTP server for nodes (chronyd on loopback) --------------------------------------------
+
+NTP_SERVER_CONF = """\
+bindaddress 127.0.0.1
+port 123
+allow 127.0.0.1
+local stratum 8
+cmdport 0
+pidfile {work}/chronyd.pid
+driftfile {work}/chronyd.drift
+"""
+
+
+def udp_bound(address: str, port: int) -> bool:
+    """Whether a UDP socket is bound to `address:port` (IPv4), from /proc/net/udp (which
+    prints the address as the host-order, here little-endian, 32-bit number)."""
+    want = f"{int.from_bytes(socket.inet_aton(address), 'little'):08X}:{port:04X}"
+    lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    return any(line.split()[1] == want for line in lines)
+
+
+@contextlib.contextmanager
+def ntp_server(work: Path) -> Iterator[Path]:
+    """A real NTP server on 127.0.0.1:123 (chronyd serving its own clock, `-x`: it never
+    touches this machine's clock), where QEMU's user network sends a guest's NTP requests to
+    the head address 10.0.2.2. Yields chronyd's log."""
+    assert not udp_bound("127.0.0.1", 123), "port 123 on 127.0.0.1 is taken: stop that NTP server"
+    conf, log = work / "chronyd.conf", work / "chronyd.log"
+    conf.write_text(NTP_SERVER_CONF.format(work=work))
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)], stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while not udp_bound("127.0.0.1", 123):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+

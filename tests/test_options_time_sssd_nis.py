@@ -1,5 +1,5 @@
 """The time, sssd and nis option kinds: rendering, goldens, their real consumers (sssctl,
-systemd-analyze, chronyd when installed, glibc's getent) and the runner's clock step.
+systemd-analyze, chronyd, glibc's getent) and the runner's clock step.
 
 Goldens of OPTIONS_HOSTS live in tests/golden/bundle/<host>/ (regenerate as test_bundle.py
 says: QLIMAGE_UPDATE_GOLDEN=1)."""
@@ -41,6 +41,7 @@ from helpers import (
     check_golden,
     golden_outputs,
     make_site,
+    ntp_server,
     render,
 )
 
@@ -233,8 +234,9 @@ def short_sync(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_head_not_answering_does_not_block(
     site: Site, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # No NTP client runs here (Debian's busybox has no ntpd, chrony is not installed): the
-    # node's ntpd is simulated, killed by `timeout -s KILL` (status 137) as when no one answers.
+    # An image with ntpd (no such image here: Debian's busybox has none): the node's ntpd is
+    # simulated, killed by `timeout -s KILL` (status 137) as when no one answers. chronyd's
+    # path runs for real below, and on the QEMU systemd node (test_systemd_node.py).
     sync = ["timeout", "-s", "KILL", "10", "ntpd", "-n", "-q", "-p", "10.0.2.2"]
     commands.argv_status[" ".join(sync)] = 137
     data = qb.bundle_json(render(site, "beo-05"))
@@ -266,6 +268,56 @@ def test_no_client_is_said_and_skipped(
         "qlustar: time: no NTP client (chronyd, ntpd, busybox ntpd) on this node; clock not set"
         in (capsys.readouterr().out)
     )
+
+
+def test_chronyd_not_answering_is_said(
+    site: Site, head: Head, commands: Commands, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # chronyd bounds itself (-t) and exits 1 saying "Timeout reached" when no one answered.
+    commands.status["chronyd"] = 1
+    commands.output["chronyd"] = "chronyd version 4.3 starting\nTimeout reached\n"
+    data = qb.bundle_json(render(site, "beo-05"))
+    with fake_node() as fs:
+        fs.create_file("/usr/sbin/chronyd", contents="#!/bin/sh\n", st_mode=0o100755)
+        head.publish(data)
+        with as_root():
+            assert run_node(head, commands) == EXIT_OK
+    assert commands.calls[0] == [
+        "chronyd", "-q", "-u", "root", "-t", "10", "server 10.0.2.2 iburst maxsamples 1"
+    ]  # fmt: skip
+    out = console_lines(capsys)
+    assert (
+        "qlustar: time: clock NOT set: no answer from 10.0.2.2 within 10s (chronyd); "
+        "the boot goes on with the clock as it is"
+    ) in out
+    assert out[-1].startswith("qlustar: runner done: ")
+
+
+def time_bundle(*servers: str) -> node_bundle.Bundle:
+    data = f"TIME_SERVERS='{' '.join(servers)}'\nTIME_SYNC_AT_BOOT=yes\n".encode()
+    entry = node_bundle.Entry(path=node_paths.TIME_FILE, type="file", uid=0, gid=0, data=data)
+    return node_bundle.Bundle(node="n", sha256="0" * 64, files=(entry,))
+
+
+def query_only(argv: list[str], input: str | None = None) -> tuple[int, str]:
+    # The runner's own command line with -Q for -q: chronyd asks the same way and reports the
+    # offset, but never sets this machine's clock.
+    return run_command(["-Q" if a == "-q" else a for a in argv], input)
+
+
+def test_chronyd_one_shot_with_a_real_server(
+    tmp_path: Path, short_sync: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with ntp_server(tmp_path):
+        assert clock.sync_clock(time_bundle("127.0.0.1"), query_only, Reporter()) is True
+        # 127.0.0.2 is loopback too, where no one serves NTP: the bounded attempt gives up.
+        assert clock.sync_clock(time_bundle("127.0.0.2"), query_only, Reporter()) is False
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "qlustar: time: clock set from 127.0.0.1 (via chronyd)",
+        "qlustar: time: clock NOT set: no answer from 127.0.0.2 within 1s (chronyd); "
+        "the boot goes on with the clock as it is",
+    ]
 
 
 def test_sync_off_and_no_time_file(site: Site, capsys: pytest.CaptureFixture[str]) -> None:

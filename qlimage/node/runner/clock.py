@@ -2,9 +2,10 @@
 
 The bundle's `/etc/qlustar/options.d/time` names the servers; the runner reads it from the
 verified bundle, before it writes any file, and makes ONE bounded attempt with whatever NTP
-client the image carries: `chronyd -q` (with its own timeout), else `ntpd -n -q` (busybox's or
-a stand-alone one, under `timeout`). Each outcome is one `qlustar: time: ...` console line; a
-head that does not answer, or an image without a client, never stops the boot.
+client the image carries: `chronyd -q` (with its own timeout, one sample per server), else
+`ntpd -n -q` (busybox's or a stand-alone one, under `timeout`). Each outcome is one
+`qlustar: time: ...` console line; a head that does not answer, or an image without a client,
+never stops the boot.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shlex
 
 from . import paths
 from .bundle import Bundle
-from .commands import Runner, find_program, run_logged
+from .commands import Runner, find_program, run_captured
 from .report import Reporter
 
 # A host name or IPv4 address (the head's schema allows no more): never an option to a client.
@@ -49,8 +50,12 @@ def sync_argv(servers: list[str], run: Runner) -> list[str] | None:
     """The bounded command setting the clock once from `servers`, or None: no client."""
     seconds = str(paths.TIME_SYNC_TIMEOUT)
     if find_program("chronyd") is not None:
-        # Directives on the command line: chronyd reads no configuration file.
-        return ["chronyd", "-q", "-t", seconds, *(f"server {s} iburst" for s in servers)]
+        # Directives on the command line: chronyd reads no configuration file. `-u root`: its
+        # own user comes from sysusers.d, which runs under systemd, after us, and this chronyd
+        # exits once the clock is set. `maxsamples 1`: one answer is enough for the step (the
+        # running daemon refines it), 0.2 s instead of the 4 s that iburst's 4 samples take.
+        directives = [f"server {s} iburst maxsamples 1" for s in servers]
+        return ["chronyd", "-q", "-u", "root", "-t", seconds, *directives]
     peers = [arg for s in servers for arg in ("-p", s)]
     if find_program("ntpd") is not None:
         ntpd = ["ntpd", "-n", "-q", *peers]
@@ -84,13 +89,15 @@ def sync_clock(bundle: Bundle, run: Runner, reporter: Reporter) -> bool | None:
             "time: no NTP client (chronyd, ntpd, busybox ntpd) on this node; clock not set"
         )
         return None
-    status = run_logged(argv, run, reporter, "time")
+    status, output = run_captured(argv, run, reporter, "time")
     names = ", ".join(servers)
     client = "chronyd" if "chronyd" in argv else "ntpd"
     if status == 0:
         reporter.step(f"time: clock set from {names} (via {client})")
         return True
-    why = "no answer" if status in (124, 137) else f"exit status {status}"
+    # `timeout` kills ntpd (124/137); chronyd stops itself at -t and says so.
+    silent = status in (124, 137) or "Timeout reached" in output
+    why = "no answer" if silent else f"exit status {status}"
     reporter.step(
         f"time: clock NOT set: {why} from {names} within {paths.TIME_SYNC_TIMEOUT}s "
         f"({client}); the boot goes on with the clock as it is"

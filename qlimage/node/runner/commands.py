@@ -73,6 +73,13 @@ def run_command(argv: Sequence[str], input: str | None = None) -> tuple[int, str
 def run_logged(
     argv: Sequence[str], run: Runner, reporter: Reporter, label: str, *, input: str | None = None
 ) -> int:
+    return run_captured(argv, run, reporter, label, input=input)[0]
+
+
+def run_captured(
+    argv: Sequence[str], run: Runner, reporter: Reporter, label: str, *, input: str | None = None
+) -> tuple[int, str]:
+    """Run `argv`, logging the command and its output; the status and the output."""
     reporter.detail(f"running {shlex.join(argv)}")
     if input is None:
         status, output = run(list(argv))
@@ -82,4 +89,4 @@ def run_logged(
     reporter.output(label, output)
     if status != 0:
         reporter.detail(f"{shlex.join(argv)} exited with status {status}")
-    return status
+    return status, output
