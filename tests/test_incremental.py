@@ -6,6 +6,7 @@ the next build executes (doit prints '.  task' for those it runs).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -169,6 +170,20 @@ def test_node_options_change_rebuilds_that_nodes_bundle_only(site: Path) -> None
     secret = site / "rootfs/tweaks/etc/qlustar/secret"
     secret.write_text("changed\n")  # beo-01 uses the tweaks config (group rack1), beo-02 not
     assert build(site) == {"bundle:beo-01"}
+
+
+def test_node_renamed_and_back_serves_its_own_name(site: Path) -> None:
+    # bundle:beo-09 comes back with the values it saved before the rename: its inputs match,
+    # but the link serves what bundle:tmp-09 wrote, so it must run again.
+    nodes = site / "nodes.d/cluster.toml"
+    before = nodes.read_text()
+    nodes.write_text(before.replace('name = "beo-09"', 'name = "tmp-09"'))
+    assert "bundle:tmp-09" in build(site)
+    nodes.write_text(before)
+    assert "bundle:beo-09" in build(site)
+    served = site / "bootfiles/qlustar/nodes/52-54-00-00-00-09/bundle.json"
+    assert json.loads(served.read_text())["node"] == "beo-09"
+    assert build(site) == set()
 
 
 def test_kernel_package_change_rebuilds_initrd_only(site: Path) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from qlimage import contract
 from qlimage.atomic import TMP_PREFIX, symlink, write_bytes
@@ -68,9 +69,10 @@ def is_complete(gen: Path, files: dict[str, bytes]) -> bool:
         return False
 
 
-def publish_node(site: Site, host: Host) -> None:
+def publish_node(site: Site, host: Host) -> dict[str, str]:
     """Render the node's files, write them as a new generation and switch the node's link to
-    it with one rename; then delete its older generations."""
+    it with one rename; then delete its older generations. Returns the generation it served
+    (doit keeps it with the task: `still_served`)."""
     layout = Layout(site)
     files = node_files(site, host)
     warn_private_files(site, host)  # a Root FS file not world-readable: say it travels anyway
@@ -83,6 +85,20 @@ def publish_node(site: Site, host: Host) -> None:
     for old in generations_of(layout.nodes(), layout.node_dir(host).name):
         if old != gen:
             discard(old, "node-discard-renamed")
+    return {SERVED: gen.name}
+
+
+SERVED = "served"
+
+
+def still_served(link: Path, values: dict[str, Any]) -> bool:
+    """Whether the node's link still points at the generation this task served last. A task
+    that comes back under an old name (a node renamed and renamed back) finds its old values
+    unchanged, while the link shows what the task of the other name served."""
+    try:
+        return os.readlink(link) == values.get(SERVED)
+    except OSError:
+        return False
 
 
 def generations_of(nodes: Path, mac: str) -> list[Path]:

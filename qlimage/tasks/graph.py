@@ -193,10 +193,12 @@ def guarded(action: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(action)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            action(*args, **kwargs)
+            result = action(*args, **kwargs)
         except QlimageError as e:
             return UserFailure(e)
-        return None
+        # A dict is values for doit to keep with the task (publish_node's); anything else an
+        # action returns is not meant for doit, which would take False as a failure.
+        return result if isinstance(result, dict) else None
 
     return wrapper
 
@@ -437,11 +439,24 @@ def task_bundles(site: Site) -> Iterator[Task]:
             "targets": [str(t) for t in node_files.targets(layout, host)],
             "actions": [(node_files.publish_node, [site, host])],
             "uptodate": [
-                config_changed(
-                    bundle.bundle_inputs(site, host) + node_files.chroot_line(site, host)
+                node_changed(
+                    bundle.bundle_inputs(site, host) + node_files.chroot_line(site, host),
+                    layout.node_dir(host),
                 )
             ],
         }
+
+
+class node_changed(config_changed):
+    """config_changed of a node's inputs, and the node's link still at what this task served:
+    one check per task, since doit inspects the signature of every check of every task."""
+
+    def __init__(self, config: str, link: Path):
+        super().__init__(config)
+        self.link = link
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        return bool(super().__call__(task, values)) and node_files.still_served(self.link, values)
 
 
 def task_ssh(site: Site) -> Iterator[Task]:

@@ -52,6 +52,9 @@ def planned_tasks(site: Site) -> dict[str, Any]:
     return site_tasks(site, check_build(site))
 
 
+PER_NODE_PREFIX = "bundle:"
+
+
 class Reporter(ConsoleReporter):
     """doit's console reporter (`.  task` lines on standard output) that keeps failures to
     itself: `problems` are one line each (`task: problem`), `crashes` are bugs. With `echo`
@@ -64,6 +67,15 @@ class Reporter(ConsoleReporter):
         self.problems: list[str] = []
         self.details: list[str] = []
         self.crashes: list[tuple[str, str]] = []  # (one line, traceback)
+        self.nodes_uptodate = 0
+
+    def skip_uptodate(self, task: Any) -> None:
+        # One line for the per-node tasks that are up to date, not one per node: a site of
+        # 10,000 nodes would print (and the admin scroll) 10,000 lines on every build.
+        if task.name.startswith(PER_NODE_PREFIX):
+            self.nodes_uptodate += 1
+        else:
+            super().skip_uptodate(task)
 
     def add_failure(self, task: Any, fail: BaseFail) -> None:
         from qlimage.tasks.graph import UserFailure
@@ -83,6 +95,8 @@ class Reporter(ConsoleReporter):
         self.crashes.append((" ".join(msg.split()), msg))
 
     def complete_run(self) -> None:
+        if self.nodes_uptodate:
+            self.write(f"-- {PER_NODE_PREFIX}* ({self.nodes_uptodate} nodes)\n")
         if not self.echo:
             return
         for line, _ in self.crashes:
