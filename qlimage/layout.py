@@ -6,6 +6,7 @@ No other module spells a path below bootfiles/; the names a node fetches come fr
     tftpboot/                        pxelinux.0, ldlinux.c32; links pxelinux.cfg and qlustar
     tftpboot/bootx64.efi, grubx64.efi  UEFI: Debian-signed shim and GRUB network image
     tftpboot/grub/                   grub.cfg (default), grub.cfg-01-<mac> per host
+    tftpboot/grub/x86_64-efi/        http.mod, for boot configs with grub_fetch = "http"
     tftpboot/boot.ipxe, ipxe/        iPXE: dispatch script, <mac>.ipxe per host
     pxelinux.cfg/                    default, one file per boot config, HOSTID links, .hosts
     qlustar/boot/<gen>/              vmlinuz + initrd.img; `current` link and `history`
@@ -60,6 +61,7 @@ class Layout:
         self.tftpboot = b / "tftpboot"
         self.pxelinux_cfg = b / "pxelinux.cfg"
         self.grub_dir = self.tftpboot / "grub"  # GRUB's prefix: (tftp,<head>)/grub
+        self.grub_modules = self.grub_dir / "x86_64-efi"  # where GRUB's insmod looks
         self.ipxe_dir = self.tftpboot / "ipxe"  # <mac>.ipxe, chained from boot.ipxe
         self.qlustar = b / contract.QLUSTAR_DIR
         self.kernel_dir = b / "kernel"

@@ -9,7 +9,7 @@ PACKAGES="python3 python3-venv squashfs-tools cpio dpkg-dev kmod gzip xz-utils z
   dnsmasq-base udpcast systemd ifupdown openssh-client diffoscope-minimal fdisk e2fsprogs
   xfsprogs util-linux mount nfs-ganesha nfs-ganesha-vfs busybox-static nginx
   sssd-tools sssd-common chrony whois vim
-  ovmf sbsigntool grub-common nftables mmdebstrap nfs-kernel-server"
+  ovmf sbsigntool grub-common nftables mmdebstrap nfs-kernel-server socat gnuplot-nox"
 
 missing=""
 for p in $PACKAGES; do

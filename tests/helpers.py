@@ -730,3 +730,107 @@ def ntp_server(work: Path) -> Iterator[Path]:
         proc.terminate()
         proc.wait(timeout=30)
 
+
+# --- network namespaces of the serve and multicast tests ----------------------------------
+
+import signal  # noqa: E402
+
+
+def remove_netns(*names: str) -> None:
+    """Kill whatever still runs in each namespace, then delete it (its devices go with it)."""
+    for ns in names:
+        for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def wait_for_http(netns: str, url: str, server: subprocess.Popen[bytes], seconds: float) -> None:
+    """Until `url` answers (any status) from inside `netns`; fails at once if `server` exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"the server exited early ({server.returncode})"
+        probe = subprocess.run(
+            ["ip", "netns", "exec", netns, "curl", "-s", "-o", "/dev/null", "-m", "2", url],
+            capture_output=True, timeout=10,
+        )  # fmt: skip
+        if probe.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {seconds:.0f} s")
+
+
+def mcastd_sessions(log: str) -> list[dict[str, str]]:
+    """The session lines ql-mcastd logged (`ql-mcastd: session 1 image demo ...`) as dicts."""
+    out = []
+    for line in log.splitlines():
+        if line.startswith("ql-mcastd: session "):
+            words = line.split()[1:]
+            out.append(dict(zip(words[::2], words[1::2], strict=False)))
+    return out
+
+
+# --- GRUB over HTTP in QEMU (test_boot_uefi.py, bench/bench_boot.py) ---------------------------
+
+import functools  # noqa: E402
+import http.server  # noqa: E402
+import threading  # noqa: E402
+from typing import Any  # noqa: E402
+
+# Debian's signed GRUB 2.06 fetches over HTTP from port 80 only. This private address of QEMU's
+# user network gets a guest forward of its port 80 to a server on a free loopback port, so no
+# test binds (or needs) the host's port 80.
+GRUB_HTTP_SERVER = "10.0.2.100"
+
+
+class AccessLogHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a directory like the head's nginx does the qlustar tree, and appends one record
+    per GET to the server's `access` list: uri, status, bytes sent, client's User-Agent."""
+
+    def do_GET(self) -> None:
+        self.sent = 0
+        self.status = 0
+        super().do_GET()
+        server: Any = self.server
+        server.access.append(
+            {
+                "uri": self.path,
+                "status": self.status,
+                "bytes": self.sent,
+                "agent": self.headers.get("User-Agent", ""),
+                "time": time.monotonic(),
+            }
+        )
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.status = code
+        super().send_response(code, message)
+
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        while chunk := source.read(1 << 16):
+            outputfile.write(chunk)
+            self.sent += len(chunk)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def access_logged_http(root: Path) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """An HTTP server for `root` on a free loopback port: yields (port, access records)."""
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(AccessLogHandler, directory=str(root))
+    )
+    server.access = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], server.access  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def port80_guestfwd(port: int) -> str:
+    """QEMU's guest forward of GRUB_HTTP_SERVER:80 to 127.0.0.1:`port`: QEMU runs socat for
+    each connection the guest opens (no comma: QEMU's option syntax would split there)."""
+    return f"tcp:{GRUB_HTTP_SERVER}:80-cmd:socat - TCP:127.0.0.1:{port}"

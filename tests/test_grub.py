@@ -115,6 +115,104 @@ def test_hostile_append_stays_one_literal_argument_each(site: Site, tmp_path: Pa
     script_check(text, tmp_path)
 
 
+# --- GRUB over HTTP (grub_fetch = "http") -----------------------------------------------------
+
+COMPUTE = '[bootconfigs.compute]\nimage = "demo"\n'
+
+
+def http_site(root: Path, server: str | None = "10.0.2.100") -> Path:
+    """The test site with the compute boot config (beo-01's) fetching over HTTP."""
+    extra = 'grub_fetch = "http"\n' + (f'grub_http_server = "{server}"\n' if server else "")
+    edit(root / "site.toml", COMPUTE, COMPUTE + extra)
+    return root
+
+
+def test_http_configs_match_golden_files(site_factory: SiteFactory, tmp_path: Path) -> None:
+    rendered = grub.configs(load_site(http_site(site_factory(port=PORT))))
+    for text in rendered.values():
+        script_check(text, tmp_path)
+    check_golden(GOLDEN.parent / "grub-http", rendered)
+    # Only beo-01's boot config fetches over HTTP; the default and beo-02's stay TFTP-only.
+    assert "insmod http" in rendered["grub.cfg-01-52-54-00-12-34-56"]
+    for name in ("grub.cfg-01-52-54-00-12-34-57", "grub.cfg"):
+        assert "insmod" not in rendered[name] and "(http," not in rendered[name]
+
+
+def test_http_host_config_tries_http_then_tftp(site_factory: SiteFactory) -> None:
+    site = load_site(http_site(site_factory(port=PORT)))
+    text = grub.configs(site)["grub.cfg-01-52-54-00-12-34-56"]
+    assert "\ninsmod http\nfor qlustar_from in '(http,10.0.2.100)' '(tftp)'; do\n" in text
+    assert "  if linux \"$qlustar_from\"'/qlustar/boot/current/vmlinuz' 'console=" in text
+    assert "    if initrd \"$qlustar_from\"'/qlustar/boot/current/initrd.img'; then\n" in text
+    # One kernel command line, still with the node's BOOTIF and its own config's name.
+    assert text.count("'BOOTIF=01-52-54-00-12-34-56'") == 1
+    assert "'qlustar.pxecfg=grub.cfg-01-52-54-00-12-34-56'" in text
+    assert "'qlustar.http=http://10.0.2.2:8470/qlustar'" in text  # the initrd's HTTP: any port
+
+
+def test_http_on_port_80_fetches_from_the_head(site_factory: SiteFactory, tmp_path: Path) -> None:
+    site = load_site(http_site(site_factory(port=80), server=None))
+    text = grub.configs(site)["grub.cfg-01-52-54-00-12-34-56"]
+    assert "for qlustar_from in '(http,10.0.2.2)' '(tftp)'; do" in text
+    script_check(text, tmp_path)
+
+
+def test_http_without_port_80_is_refused(tmp_path: Path) -> None:
+    """GRUB 2.06 cannot name a port: a head on another port needs an address whose port 80
+    serves it, else no node could fetch anything over HTTP."""
+    root = http_site(write_site(tmp_path / "site"), server=None)
+    proc = assert_refused(root, names="site.toml: .bootconfigs.compute.grub_fetch")
+    assert "grub_http_server" in proc.stderr and "port 80" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "lines"),
+    [
+        # GRUB 2.06 would look up a host named "10.0.2.100:8080" and find none.
+        ("grub_http_server", 'grub_fetch = "http"\ngrub_http_server = "10.0.2.100:8080"\n'),
+        ("grub_http_server", 'grub_fetch = "http"\ngrub_http_server = "10.0.2.100)/evil"\n'),
+        ("grub_http_server", 'grub_fetch = "http"\ngrub_http_server = "head.example.org"\n'),
+        ("grub_fetch", 'grub_fetch = "ftp"\n'),
+    ],
+)
+def test_bad_grub_http_setting_is_refused(key: str, lines: str, tmp_path: Path) -> None:
+    root = write_site(tmp_path / "site")
+    edit(root / "site.toml", COMPUTE, COMPUTE + lines)
+    assert_refused(root, names=f"site.toml: .bootconfigs.compute.{key}")
+
+
+def test_http_module_comes_from_the_signed_grubs_build(built_copy: Path) -> None:
+    out = qlimage("-C", str(http_site(built_copy)), "build").stdout
+    assert ".  grub:http-module" in out, out
+    layout = Layout(built_copy / "bootfiles")
+    module = layout.grub_modules / "http.mod"
+    # Byte for byte the module of Debian's verified grub-efi-amd64-bin, of the very build the
+    # signed image names in its SBAT section.
+    deb = fetch_package(load_site(built_copy), grub.MODULE_PACKAGE)
+    unpacked = built_copy.parent / "grub-bin"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+    assert module.read_bytes() == (unpacked / "usr/lib/grub/x86_64-efi/http.mod").read_bytes()
+    version = grub.signed_grub_version(layout.tftpboot / "grubx64.efi")
+    assert deb.name == f"grub-efi-amd64-bin_{version}_amd64.deb"
+    assert "-- grub:http-module" in qlimage("-C", str(built_copy), "build").stdout
+
+
+def test_http_module_of_another_grub_build_is_refused(built_copy: Path) -> None:
+    """A signed GRUB from another grub2 build than the archive's module (a mirror caught
+    between two uploads): the build stops instead of serving a module GRUB may not load."""
+    layout = Layout(built_copy / "bootfiles")
+    image = layout.tftpboot / "grubx64.efi"
+    data = image.read_bytes()
+    version = grub.signed_grub_version(image).encode()
+    other = version[:-1] + (b"0" if version[-1:] != b"0" else b"1")  # same length
+    image.write_bytes(data.replace(b",grub2," + version + b",", b",grub2," + other + b","))
+    proc = qlimage("-C", str(http_site(built_copy)), "build", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"does not match the signed GRUB's build {other.decode()}" in proc.stderr
+    assert not (layout.grub_modules / "http.mod").exists()
+
+
 # --- hostile inputs (the corpus: one refused site each) ---------------------------------------
 
 

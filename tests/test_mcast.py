@@ -30,7 +30,7 @@ from qlimage.serve import head, mcastd
 from qlimage.serve.mcastd import Config, Scheduler
 from qlimage.site import load_site
 
-from helpers import REPO, assert_refused, write_site
+from helpers import REPO, assert_refused, mcastd_sessions, write_site
 
 CLIENT = REPO / "qlimage/node/initrd/ql-mcast-client"
 INIT = REPO / "qlimage/node/initrd/init"
@@ -372,12 +372,7 @@ class Daemon:
     log: Path
 
     def sessions(self) -> list[dict[str, str]]:
-        out = []
-        for line in self.log.read_text().splitlines():
-            if line.startswith("ql-mcastd: session "):
-                words = line.split()[1:]
-                out.append(dict(zip(words[::2], words[1::2], strict=False)))
-        return out
+        return mcastd_sessions(self.log.read_text())
 
 
 @pytest.fixture

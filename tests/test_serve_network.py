@@ -25,7 +25,7 @@ from qlimage import contract
 from qlimage.layout import Layout
 from qlimage.serve import nginx
 
-from helpers import HEAD, REPO, qlimage, sh, write_site
+from helpers import HEAD, REPO, qlimage, remove_netns, sh, wait_for_http, write_site
 
 PORT = 8480
 REGISTERED = ("52:54:00:12:34:56", "10.0.2.15", "beo-01")
@@ -70,18 +70,7 @@ def publish_checksum(layout: Layout) -> Path:
 
 
 def wait_http(bed: Bed) -> None:
-    deadline = time.monotonic() + START
-    while time.monotonic() < deadline:
-        assert bed.serve.poll() is None, "qlimage serve exited early"
-        probe = subprocess.run(
-            ["ip", "netns", "exec", bed.head, "curl", "-s", "-o", "/dev/null", "-m", "2",
-             f"http://{HEAD}:{PORT}/"],
-            capture_output=True, timeout=10,
-        )  # fmt: skip
-        if probe.returncode == 0:
-            return
-        time.sleep(0.2)
-    raise AssertionError("qlimage serve did not answer HTTP in time")
+    wait_for_http(bed.head, f"http://{HEAD}:{PORT}/", bed.serve, START)
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +119,7 @@ def bed() -> Iterator[Bed]:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=STOP)
-        for ns in (head_ns, node_ns):
-            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-                os.kill(int(pid), signal.SIGKILL)
-            sh("ip", "netns", "del", ns, check=False)
+        remove_netns(head_ns, node_ns)
         shutil.rmtree(top, ignore_errors=True)
 
 

@@ -9,21 +9,43 @@ split with `regexp`, a built-in command of that image) and hands over to it; a G
 search finds the same file itself. A host's config is named by its boot MAC, the first name
 GRUB tries, and hands the initrd `BOOTIF=01-<mac>` (as pxelinux's IPAPPEND 2 does) written
 literally. The default config has no BOOTIF: the initrd then takes the first ethernet NIC.
+
+Kernel and initrd come over TFTP unless the boot config says `grub_fetch = "http"`. Debian's
+signed grubnetx64 has no `http` module built in (its modules: `tftp`, `efinet`, no `http`), and
+GRUB 2.06's `http` connects to port 80 of `(http,<server>)` only, with no syntax for a port. So
+an HTTP config runs `insmod http`, which loads `grub/x86_64-efi/http.mod` from the TFTP prefix
+(copied from `grub-efi-amd64-bin` of exactly the signed image's build), then tries each source
+in turn: `(http,<server>)`, then `(tftp)`. Under Secure Boot GRUB refuses modules it did not
+embed ("prohibited by secure boot policy"), so those nodes fall back to TFTP by themselves.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from qlimage import contract, templates
 from qlimage.atomic import write_text
+from qlimage.boot import loaders
 from qlimage.boot.cmdline import kernel_command_line
+from qlimage.errors import BuildError
+from qlimage.layout import Layout
 from qlimage.site import BootConfig, Host, Site
 
 CONFIG = "grub.cfg"
-KERNEL = f"(tftp)/{contract.boot_path(contract.KERNEL_FILE)}"  # from the TFTP root
-INITRD = f"(tftp)/{contract.boot_path(contract.INITRD_FILE)}"
+KERNEL_PATH = f"/{contract.boot_path(contract.KERNEL_FILE)}"  # from the TFTP or HTTP root
+INITRD_PATH = f"/{contract.boot_path(contract.INITRD_FILE)}"
+KERNEL = f"(tftp){KERNEL_PATH}"
+INITRD = f"(tftp){INITRD_PATH}"
+
+# GRUB's insmod looks in $prefix/<cpu>-<platform>/ (Layout.grub_modules) for http.mod.
+MODULE_PACKAGE = "grub-efi-amd64-bin"
+MODULE_DIR = "x86_64-efi"  # in the package: usr/lib/grub/x86_64-efi/
+HTTP_MODULE = "http.mod"
+SIGNED_PACKAGE = "grub-efi-amd64-signed"
+# The SBAT entry Debian puts in its signed GRUB: `grub.debian,<gen>,Debian,grub2,<version>,<url>`.
+SBAT_DEBIAN = re.compile(rb"^grub\.debian,\d+,Debian,grub2,([0-9A-Za-z.+~:-]+),", re.MULTILINE)
 
 
 def quote(value: object) -> str:
@@ -60,10 +82,70 @@ def render_config(
         banner=quote(banner),
         kernel=quote(KERNEL),
         initrd=quote(INITRD),
+        sources=[quote(s) for s in sources(site, bootconfig)],
+        kernel_path=quote(KERNEL_PATH),
+        initrd_path=quote(INITRD_PATH),
         args=[quote(w) for w in words],
         dispatch=host is None,  # only the default config looks for a host's own
         config=CONFIG,
     )
+
+
+def http_server(site: Site, bootconfig: BootConfig) -> str:
+    """The address GRUB fetches from over HTTP, always on port 80: the head's only when it
+    serves port 80 (site loading refuses HTTP otherwise, unless another address is named)."""
+    return bootconfig.grub_http_server or site.head_address
+
+
+def sources(site: Site, bootconfig: BootConfig) -> list[str]:
+    """The GRUB devices kernel and initrd are tried from, in order; empty for a TFTP-only
+    config, which keeps its plain three lines."""
+    if bootconfig.grub_fetch != "http":
+        return []
+    return [f"(http,{http_server(site, bootconfig)})", "(tftp)"]
+
+
+def wants_http_module(site: Site) -> bool:
+    return any(b.grub_fetch == "http" for b in site.bootconfigs.values())
+
+
+def http_module(layout: Layout) -> loaders.Loader:
+    """http.mod of grub-efi-amd64-bin, where the signed GRUB's insmod finds it."""
+    return loaders.Loader(
+        MODULE_PACKAGE,
+        f"usr/lib/grub/{MODULE_DIR}/{HTTP_MODULE}",
+        str((layout.grub_modules / HTTP_MODULE).relative_to(layout.tftpboot)),
+    )
+
+
+def signed_grub(layout: Layout) -> Path:
+    (loader,) = (x for x in loaders.LOADERS if x.package == SIGNED_PACKAGE)
+    return layout.tftpboot / loader.name
+
+
+def signed_grub_version(image: Path) -> str:
+    """The grub2 build a Debian-signed GRUB image comes from, read from its SBAT section."""
+    found = SBAT_DEBIAN.search(image.read_bytes())
+    if found is None:
+        raise BuildError(f"{image}: no Debian SBAT entry (grub.debian): not Debian's signed GRUB")
+    return found.group(1).decode()
+
+
+def install_http_module(site: Site) -> None:
+    """Put http.mod beside the configs, from the same grub2 build as the signed image: GRUB
+    links a module against its own symbols, and one from another build may not load (or
+    worse). A mismatch (a mirror between two uploads) stops the build instead."""
+    from qlimage.pool.mirror import open_archive  # the archive client pulls in requests
+
+    layout = Layout(site)
+    wanted = signed_grub_version(signed_grub(layout))
+    have = open_archive(site).package(MODULE_PACKAGE).version
+    if have != wanted:
+        raise BuildError(
+            f"{MODULE_PACKAGE} {have} does not match the signed GRUB's build {wanted}"
+            f" ({signed_grub(layout).name}): GRUB's http module must come from the same build"
+        )
+    loaders.install_loaders(site, (http_module(layout),))
 
 
 def configs(site: Site) -> dict[str, str]:

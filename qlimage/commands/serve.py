@@ -1,4 +1,5 @@
-"""`qlimage serve`: run the head's DHCP/TFTP (dnsmasq) and HTTP (nginx) for the site."""
+"""`qlimage serve`: run the head's DHCP/TFTP (dnsmasq), HTTP (nginx) and multicast image
+delivery (ql-mcastd) for the site."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from qlimage.site import Site
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser(
-        "serve", help="run dnsmasq (DHCP, TFTP) and nginx (HTTP) for the site until Ctrl-C"
+        "serve",
+        help="run dnsmasq (DHCP, TFTP), nginx (HTTP) and ql-mcastd (multicast) for the site "
+        "until Ctrl-C",
     )
     what = s.add_mutually_exclusive_group()
     what.add_argument(
@@ -33,9 +36,11 @@ def run(site: Site, args: argparse.Namespace) -> int:
             print(f"qlimage serve: {done}: ok")
         return 0
 
+    daemons = "dnsmasq, nginx and ql-mcastd" if site.multicast.enabled else "dnsmasq and nginx"
+
     def ready() -> None:
         print(
-            f"qlimage serve: dnsmasq and nginx running for {site.name} "
+            f"qlimage serve: {daemons} running for {site.name} "
             f"(HTTP {site.http_base}); Ctrl-C stops them",
             file=sys.stderr,
             flush=True,

@@ -30,6 +30,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="with --uefi: Secure Boot on, Microsoft's keys enrolled",
     )
+    s.add_argument(
+        "--tap",
+        metavar="IFNAME",
+        help="attach the NIC to this existing tap device (e.g. in the bridge `qlimage serve` "
+        "answers on) instead of QEMU's user network: the head's dnsmasq, nginx and "
+        "ql-mcastd boot the node",
+    )
     s.set_defaults(func=run)
 
 
@@ -44,6 +51,9 @@ def run(site: Site, args: argparse.Namespace) -> int:
         raise ConfigError(["qlimage vm: --secure-boot needs --uefi"])
     if args.ipxe and args.uefi:
         raise ConfigError(["qlimage vm: --ipxe and --uefi exclude each other"])
+    if args.ipxe and args.tap:
+        # On a real wire the head's dnsmasq names the boot file, by the host's boot config.
+        raise ConfigError(["qlimage vm: --ipxe applies to QEMU's user network, not to --tap"])
     firmware = "uefi-secure-boot" if args.secure_boot else "uefi" if args.uefi else "bios"
     firmware = "ipxe" if args.ipxe else firmware
     result = vm.boot(
@@ -53,11 +63,13 @@ def run(site: Site, args: argparse.Namespace) -> int:
         memory=args.memory,
         on_line=None if args.quiet else show,
         firmware=firmware,
+        tap=args.tap,
     )
     verdict = "ok" if result.ok else "FAILED"
     print(
         f"qlimage vm {args.node}: {verdict}: {result.reason} ({result.seconds:.1f} s, "
-        f"accel {vm.accelerator()}, firmware {firmware})",
+        f"accel {vm.accelerator()}, firmware {firmware}"
+        f"{f', tap {args.tap}' if args.tap else ''})",
         file=sys.stderr,
     )
     if not result.ok:

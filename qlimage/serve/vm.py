@@ -2,6 +2,8 @@
 over HTTP from this host, the serial console streamed line by line.
 
 This is the README's main job, the end-to-end tests' boot, and the seed of a boot-test gate.
+With a tap device instead (`tap=`), the node sits on a real (virtual) wire, and the head's own
+services answer it: `qlimage serve`'s dnsmasq, nginx and ql-mcastd, on a bridge with the tap.
 """
 
 from __future__ import annotations
@@ -86,6 +88,21 @@ def serve(root: Path, port: int, overrides: Mapping[str, Path]) -> http.server.T
     return server
 
 
+# A Linux interface name (at most 15 bytes) that is also safe inside QEMU's comma-separated
+# -netdev option.
+TAP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def tap_netdev(tap: str) -> str:
+    """QEMU's -netdev for an existing tap device (made by the caller, e.g. `ip tuntap add`, and
+    put in the head's bridge): no helper scripts, so QEMU changes nothing on the host."""
+    if not TAP_NAME.fullmatch(tap):
+        raise QlimageError(
+            f"tap device {tap!r}: expected an interface name (letters, digits, . _ -; 15 at most)"
+        )
+    return f"tap,id=n0,ifname={tap},script=no,downscript=no"
+
+
 @dataclass(frozen=True)
 class Firmware:
     """How QEMU starts a node: SeaBIOS + iPXE ROM running pxelinux, or OVMF (Debian's `ovmf`
@@ -158,6 +175,8 @@ def qemu_command(
     fw: Firmware,
     scratch: Path,
     hostfwd: Iterable[str] = (),
+    tap: str | None = None,
+    guestfwd: Iterable[str] = (),
 ) -> list[str]:
     net = site.boot_network
     addr = site.boot_address(host)
@@ -166,13 +185,23 @@ def qemu_command(
             f"site.toml: .head.address: {site.head_address} is outside the boot "
             f"network {net.cidr}, so a VM cannot reach it"
         )
-    netdev = (
-        f"user,id=n0,net={net.cidr},host={site.head_address},dhcpstart={addr},"
-        f"tftp={tftpboot},bootfile={fw.bootfile}"
-    )
-    # Port forwards into the node (QEMU's syntax, e.g. tcp:127.0.0.1:2222-:22): how the host
-    # reaches a service the node runs, such as sshd, without tap devices or root.
-    netdev += "".join(f",hostfwd={rule}" for rule in hostfwd)
+    hostfwd, guestfwd = list(hostfwd), list(guestfwd)
+    if tap is not None:
+        if hostfwd or guestfwd:
+            raise QlimageError("port forwards need QEMU's user network, not a tap device")
+        netdev = tap_netdev(tap)
+    else:
+        netdev = (
+            f"user,id=n0,net={net.cidr},host={site.head_address},dhcpstart={addr},"
+            f"tftp={tftpboot},bootfile={fw.bootfile}"
+        )
+        # Port forwards into the node (QEMU's syntax, e.g. tcp:127.0.0.1:2222-:22): how the
+        # host reaches a service the node runs, such as sshd, without tap devices or root.
+        netdev += "".join(f",hostfwd={rule}" for rule in hostfwd)
+        # Guest forwards (e.g. tcp:10.0.2.100:80-cmd:socat - TCP:127.0.0.1:8470): a private
+        # address of the user network whose port reaches a program on the host, such as the
+        # port 80 that GRUB's http module insists on, without binding port 80 here.
+        netdev += "".join(f",guestfwd={rule}" for rule in guestfwd)
     return [
         "qemu-system-x86_64",
         "-accel",
@@ -210,12 +239,22 @@ def boot(
     hostfwd: Iterable[str] = (),
     devices: Iterable[str] = (),
     while_up: Callable[[], None] | None = None,
+    tap: str | None = None,
+    guestfwd: Iterable[str] = (),
 ) -> BootResult:
     """Boot `node` with `firmware` (a FIRMWARES name) and watch its console until every
     success pattern appeared (ok), a failure pattern appeared, QEMU exited or `timeout`
     seconds passed. `hostfwd`: QEMU port forwards into the node; `devices`: more QEMU
     arguments (a second NIC...); `while_up`: called once the boot succeeded, with the node
-    still running (to reach it over a forwarded port), before QEMU is stopped."""
+    still running (to reach it over a forwarded port), before QEMU is stopped.
+    `tap`: an existing tap device for the NIC instead of QEMU's user network; whatever is on
+    its wire (`qlimage serve` on the head's bridge) answers DHCP, TFTP and HTTP, so no HTTP
+    server is started here and `overrides` cannot apply. `guestfwd`: QEMU guest forwards, an
+    address:port of the user network to a command or socket on this host."""
+    if tap is not None:
+        tap_netdev(tap)  # a bad name is refused before anything starts
+        if overrides:
+            raise QlimageError("overrides are served on QEMU's user network only, not on a tap")
     host = site.host(node)
     layout = Layout(site)
     fw = FIRMWARES[firmware]
@@ -227,20 +266,23 @@ def boot(
     failing = [re.compile(p) for p in failure]
     scratch = Path(tempfile.mkdtemp(prefix="qlimage-vm."))
     try:
-        command = qemu_command(site, host, layout.tftpboot, memory, fw, scratch, hostfwd)
+        command = qemu_command(
+            site, host, layout.tftpboot, memory, fw, scratch, hostfwd, tap, guestfwd=guestfwd
+        )
         command += list(devices)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    server = serve(layout.bootfiles, site.http_port, overrides or {})
+    server = None if tap is not None else serve(layout.bootfiles, site.http_port, overrides or {})
     start = time.monotonic()
     console: list[str] = []
     result = BootResult(False, f"timed out after {timeout:.0f} s", console)
     # Whatever happens, QEMU is stopped and reaped first, then the HTTP server.
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
-        cleanup.callback(server.server_close)
-        cleanup.callback(server.shutdown)
+        if server is not None:
+            cleanup.callback(server.server_close)
+            cleanup.callback(server.shutdown)
         proc = cleanup.enter_context(spawn(command, stdout=PIPE, stderr=STDOUT))
         lines: queue.Queue[str | None] = queue.Queue()
 

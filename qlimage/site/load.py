@@ -276,7 +276,9 @@ def load_site(root: Path | str = ".") -> Site:
     broken = {p.stem for p in toml_files(paths.images, [], root)} - {
         i.source.stem for i in images.values()
     }
-    bootconfigs = make_bootconfigs(raw.get("bootconfigs", {}), images, problems)
+    bootconfigs = make_bootconfigs(
+        raw.get("bootconfigs", {}), images, problems, setting(raw, "head", "http_port")
+    )
     boot = raw.get("boot", {})
     default = boot.get("default")
     if default is not None and default not in bootconfigs:
@@ -617,13 +619,22 @@ def load_images(
 
 
 def make_bootconfigs(
-    raw: Mapping[str, Any], images: Mapping[str, Image], problems: list[str]
+    raw: Mapping[str, Any], images: Mapping[str, Image], problems: list[str], http_port: int
 ) -> dict[str, BootConfig]:
-    for name in raw:
+    for name, bc in raw.items():
         if reserved_pxelinux_name(name):
             problems.append(
                 f"{SITE_FILE}: .bootconfigs.{name}: {name!r} is reserved in pxelinux.cfg"
                 " (default, or an 8-digit HOSTID); choose another name"
+            )
+        # Debian's signed GRUB 2.06 always connects to port 80: a head serving another port
+        # needs an address whose port 80 reaches it, or GRUB would fetch nothing.
+        if bc.get("grub_fetch") == "http" and "grub_http_server" not in bc and http_port != 80:
+            problems.append(
+                f"{SITE_FILE}: .bootconfigs.{name}.grub_fetch: 'http' needs HTTP on port 80"
+                f" (GRUB 2.06 cannot name a port) but head.http_port is {http_port}; set"
+                f" .bootconfigs.{name}.grub_http_server to an address whose port 80 serves the"
+                " head's files, or use 'tftp'"
             )
     return {
         name: BootConfig(
@@ -632,6 +643,8 @@ def make_bootconfigs(
             bc.get("append", ""),
             bc.get("description", ""),
             bc.get("loader", bootconfig_default("loader")),
+            bc.get("grub_fetch", bootconfig_default("grub_fetch")),
+            bc.get("grub_http_server", ""),
         )
         for name, bc in sorted(raw.items())
     }

@@ -105,6 +105,8 @@ class BootConfig:
     append: str
     description: str
     loader: str = "auto"  # "auto" (pxelinux / shim + GRUB by firmware) or "ipxe"
+    grub_fetch: str = "tftp"  # how GRUB fetches kernel and initrd: "tftp" or "http"
+    grub_http_server: str = ""  # with "http": the address whose port 80 serves qlustar/
 
 
 @dataclass(frozen=True)

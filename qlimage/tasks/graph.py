@@ -385,6 +385,17 @@ def task_grub(site: Site) -> Iterator[Task]:
         "actions": [(grub.write_configs, [configs, layout.grub_dir])],
         "uptodate": [config_changed(json.dumps(configs, sort_keys=True))],
     }
+    if grub.wants_http_module(site):
+        module = grub.http_module(layout)
+        yield {
+            "name": "http-module",
+            "doc": "grub/x86_64-efi/http.mod for GRUB over HTTP, from the signed GRUB's build",
+            # a new signed GRUB needs the module of its own build
+            "file_dep": [str(grub.signed_grub(layout))],
+            "targets": [str(layout.tftpboot / module.name)],
+            "actions": [(grub.install_http_module, [site])],
+            "uptodate": [config_changed({"module": vars(module), "arch": site.archive.arch})],
+        }
 
 
 def task_ipxe(site: Site) -> Task:
