@@ -599,7 +599,7 @@ search_base = "dc=ad,dc=example,dc=org"
 
 import contextlib  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 
 GANESHA_CONF = """
 NFS_CORE_PARAM {{ Protocols = 4; NFS_Port = {port}; Bind_addr = 127.0.0.1;
@@ -621,16 +621,31 @@ def nfs_server(tree: Path, work: Path, port: int | None = None) -> Iterator[int]
     conf.write_text(GANESHA_CONF.format(port=port, path=tree))
     log = work / "ganesha.log"
     cmd = ["ganesha.nfsd", "-F", "-f", str(conf), "-L", str(log), "-p", str(work / "pid")]
-    proc = subprocess.Popen([*cmd, "-N", "NIV_EVENT"])
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    with daemon([*cmd, "-N", "NIV_EVENT"], log, listening, seconds=20):
         yield port
+
+
+@contextlib.contextmanager
+def daemon(
+    argv: list[str], log: Path, ready: Callable[[], bool], seconds: float, *, output: bool = False
+) -> Iterator[None]:
+    """Run the server `argv` for the length of the block, once `ready()` says it serves (within
+    `seconds`, or the test fails with its `log`); stopped and reaped afterwards. `output`: its
+    standard output and error go to `log` (a server that writes no log file of its own)."""
+    with log.open("ab") if output else contextlib.nullcontext() as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + seconds
+        while not ready():
+            text = log.read_text(errors="replace") if log.exists() else ""
+            assert proc.poll() is None and time.monotonic() < deadline, text
+            time.sleep(0.1)
+        yield
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -716,19 +731,9 @@ def ntp_server(work: Path) -> Iterator[Path]:
     assert not udp_bound("127.0.0.1", 123), "port 123 on 127.0.0.1 is taken: stop that NTP server"
     conf, log = work / "chronyd.conf", work / "chronyd.log"
     conf.write_text(NTP_SERVER_CONF.format(work=work))
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)], stdout=out, stderr=out
-        )
-    try:
-        deadline = time.monotonic() + 10
-        while not udp_bound("127.0.0.1", 123):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    argv = ["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)]
+    with daemon(argv, log, lambda: udp_bound("127.0.0.1", 123), seconds=10, output=True):
         yield log
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 # --- network namespaces of the serve and multicast tests ----------------------------------
