@@ -3,8 +3,10 @@
   1. full build vs incremental build after one overlay edit, site with several images
   2. no-op build with 10 images and 1 000 nodes (goal <= 0.3 s)
   3. image step (stage + squashfs) with unchanged, already-unpacked modules / raw mksquashfs of
-     the same final tree with the same compressor (goal <= 1.5)
-  4. compressors compared on the largest staged tree: time and size
+     the same final tree with the same compressor (goal <= 1.1; the parts of the step:
+     bench/bench_image_step.py)
+  4. compressors compared on the largest staged tree: time and size (the full table of levels:
+     bench/bench_compressors.py)
 
 Run: .venv/bin/python bench/bench_pipeline.py [--images 10] [--nodes 1000]
 """
@@ -109,8 +111,15 @@ def image_step(tmp: Path, bulk: Path) -> None:
     timed(build)  # downloads, unpacks, first generation
     site = load_site(root)
     tree = Layout(site).stage("img00")
-    forced = [*build, "-a", "stage:img00", "squashfs:img00"]
-    ours = min(timed(forced) for _ in range(3))
+    # `build -a stage:img00 squashfs:img00` would also rebuild the module recipe the stage
+    # depends on: doit forgets the image step instead, and the build runs just that.
+    forget = [sys.executable, "-m", "qlimage", "-C", str(root), "doit", "forget"]
+
+    def image_step_build() -> float:
+        subprocess.run([*forget, "stage:img00", "squashfs:img00"], check=True, capture_output=True)
+        return timed(build)
+
+    ours = min(image_step_build() for _ in range(3))
     raw_cmd = squashfs.mksquashfs_command(
         tree,
         tmp / "raw.img",
@@ -124,7 +133,7 @@ def image_step(tmp: Path, bulk: Path) -> None:
     print(f"  compressor {site.squashfs_compressor} level {site.squashfs_level or 'default'}:")
     print(f"  qlimage build -a stage squashfs:     {ours:8.2f} s")
     print(f"  raw mksquashfs, same tree/options:   {raw:8.2f} s")
-    print(f"  ratio:                               {ours / raw:8.2f}   (goal <= 1.5)")
+    print(f"  ratio:                               {ours / raw:8.2f}   (goal <= 1.1)")
     print("compressors on the same staged tree:")
     size_mb = tree_size(tree)
     for comp, level in (("gzip", None), ("xz", None), ("zstd", 3), ("zstd", 15), ("lz4", None)):

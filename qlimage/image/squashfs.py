@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlimage.atomic import atomic_path
+from qlimage.image import stage
 from qlimage.progress import Progress, SquashfsBar
 from qlimage.run import run
 
@@ -95,3 +96,6 @@ def pack_image(site: Site, tree: Path, output: Path) -> None:
         block_size=site.squashfs_block_size,
         epoch=site.source_date_epoch,
     )
+    # The previous stage was being deleted beside mksquashfs (stage.set_aside): done by now
+    # as a rule, and waited for here so that it ends within the build lock.
+    stage.finish_removals()
