@@ -53,6 +53,7 @@ DEBIAN_PACKAGE = {
     "cpio": "cpio",
     "gzip": "gzip",
     "cp": "coreutils",
+    "find": "findutils",
     "env": "coreutils",
     "depmod": "kmod",
     "modinfo": "kmod",
@@ -234,20 +235,23 @@ def spawn(
     out, however it is left, stop it and its process group (SIGTERM, SIGKILL after `grace`
     seconds), reap it and close its pipes."""
     argv = resolve(cmd)
+    with signals_deferred() as caught:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=child_env(env, unset),
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                umask=umask,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise start_error(argv, cwd, e) from e
     try:
-        proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=child_env(env, unset),
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            umask=umask,
-            start_new_session=True,
-        )
-    except OSError as e:
-        raise start_error(argv, cwd, e) from e
-    try:
+        for signum in caught:
+            signal.raise_signal(signum)  # now the child is ours to stop
         yield proc
     finally:
         try:
@@ -257,6 +261,31 @@ def spawn(
                 if stream is not None:
                     with contextlib.suppress(OSError):
                         stream.close()
+
+
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[list[int]]:
+    """Note SIGINT and SIGTERM instead of acting on them for the length of the block, and give
+    the caller the list to deliver afterwards. A Ctrl-C while Popen waits for its child's exec
+    would raise inside Popen, which gives no process back to stop: the child, in a session of
+    its own, would outlive us. (Only the main thread receives signals.)"""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    saved = {s: signal.signal(s, note) for s in DEFERRED_SIGNALS}
+    try:
+        yield caught
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def run(

@@ -7,9 +7,11 @@ import ast
 import os
 import shlex
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -194,6 +196,32 @@ def test_spawn_stops_child_and_grandchildren_on_exception(
     assert proc.returncode is not None
     assert reaped(shell) and dead(shell)
     assert wait_dead(sleeper)
+
+
+def test_ctrl_c_while_the_child_starts_still_stops_it(
+    family: tuple[list[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C lands while Popen waits for the child's exec: raised there, it would leave a child
+    # no one can stop. spawn() holds it until the child is its own, then raises it.
+    cmd, pids = family
+    popen = subprocess.Popen
+    started: list[subprocess.Popen[bytes]] = []
+
+    def interrupted_popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = popen(*args, **kwargs)
+        started.append(proc)
+        read_pids(pids, 2)  # the family is up
+        signal.raise_signal(signal.SIGINT)  # what the terminal sends, before Popen returns
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", interrupted_popen)
+    with pytest.raises(KeyboardInterrupt), spawn(cmd):
+        pytest.fail("the body ran although Ctrl-C came first")
+    shell, sleeper = read_pids(pids, 2)
+    assert started[0].returncode is not None
+    assert reaped(shell) and dead(shell)
+    assert wait_dead(sleeper)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_spawn_kills_what_ignores_sigterm(tmp_path: Path) -> None:
