@@ -167,9 +167,12 @@ def test_ctrl_c_in_the_shell_removes_the_tree(built_copy: Path, tmp_path: Path) 
     started = tmp_path / "started"
     shell = shell_script(tmp_path, f"#!/bin/sh\ntouch {started}\nsleep 60\n")
     env = dict(os.environ, SHELL=shell, PYTHONPATH=str(REPO))
+    # SIGINT as on a terminal: a suite started in the background by a shell without job
+    # control inherits it ignored, and so would qlimage.
     with subprocess.Popen(
         [*QLIMAGE, "-C", str(built_copy), "edit", "-s", "demo", "--no-build"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     ) as proc:  # fmt: skip
         deadline = time.monotonic() + 120
         while not started.exists() and time.monotonic() < deadline and proc.poll() is None:

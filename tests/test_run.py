@@ -204,6 +204,9 @@ def test_ctrl_c_while_the_child_starts_still_stops_it(
     # Ctrl-C lands while Popen waits for the child's exec: raised there, it would leave a child
     # no one can stop. spawn() holds it until the child is its own, then raises it.
     cmd, pids = family
+    # As on a terminal: a shell without job control starts background jobs (this suite, too)
+    # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
     popen = subprocess.Popen
     started: list[subprocess.Popen[bytes]] = []
 
@@ -215,13 +218,16 @@ def test_ctrl_c_while_the_child_starts_still_stops_it(
         return proc
 
     monkeypatch.setattr(subprocess, "Popen", interrupted_popen)
-    with pytest.raises(KeyboardInterrupt), spawn(cmd):
-        pytest.fail("the body ran although Ctrl-C came first")
+    try:
+        with pytest.raises(KeyboardInterrupt), spawn(cmd):
+            pytest.fail("the body ran although Ctrl-C came first")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, saved)
     shell, sleeper = read_pids(pids, 2)
     assert started[0].returncode is not None
     assert reaped(shell) and dead(shell)
     assert wait_dead(sleeper)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_spawn_kills_what_ignores_sigterm(tmp_path: Path) -> None:
