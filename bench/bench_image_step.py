@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_pipeline import bulk_module, timed, tree_size, write_site  # noqa: E402
+from bench_pipeline import bulk_site, timed, tree_size  # noqa: E402
 
 from qlimage import progress  # noqa: E402
 from qlimage.image import generations, squashfs, stage  # noqa: E402
@@ -61,18 +61,6 @@ def clock(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - start, cpu_seconds() - cpu
 
 
-def bench_site(tmp: Path, bulk: Path) -> Path:
-    root = tmp / "bulk-site"
-    write_site(root, 1, 1)
-    pool = root / "modules/pool"
-    pool.mkdir(parents=True)
-    bulk_module(pool, bulk)
-    text = (root / "images.d/img00.toml").read_text().replace('["core"]', '["core", "bulk"]')
-    (root / "images.d/img00.toml").write_text(text)
-    timed([sys.executable, "-m", "qlimage", "-C", str(root), "build"])  # the first generation
-    return root
-
-
 def rebuild(forget: list[str], build: list[str]) -> tuple[float, float]:
     """The build's times after doit forgot the image step (the forget itself not counted)."""
     timed(forget)
@@ -96,7 +84,7 @@ def main() -> None:
     progress.silence()
     with tempfile.TemporaryDirectory(prefix="qlimage-bench.") as name:
         tmp = Path(name)
-        root = args.site or bench_site(tmp, args.bulk)
+        root = args.site or bulk_site(tmp, args.bulk)
         site = load_site(root)
         layout = Layout(site)
         image = site.images["img00"]

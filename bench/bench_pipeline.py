@@ -98,8 +98,9 @@ def bulk_module(pool: Path, source: Path) -> None:
     shutil.rmtree(root)
 
 
-def image_step(tmp: Path, bulk: Path) -> None:
-    """Stage + squashfs of an image whose modules are already unpacked, vs raw mksquashfs."""
+def bulk_site(tmp: Path, bulk: Path) -> Path:
+    """One image of core and a module made of the host directory `bulk`, built once (downloads,
+    unpacks, the first generation): the site of the image-step benchmarks."""
     root = tmp / "bulk-site"
     write_site(root, 1, 1)
     pool = root / "modules/pool"
@@ -107,8 +108,14 @@ def image_step(tmp: Path, bulk: Path) -> None:
     bulk_module(pool, bulk)
     text = (root / "images.d/img00.toml").read_text().replace('["core"]', '["core", "bulk"]')
     (root / "images.d/img00.toml").write_text(text)
+    timed([sys.executable, "-m", "qlimage", "-C", str(root), "build"])
+    return root
+
+
+def image_step(tmp: Path, bulk: Path) -> None:
+    """Stage + squashfs of an image whose modules are already unpacked, vs raw mksquashfs."""
+    root = bulk_site(tmp, bulk)
     build = [sys.executable, "-m", "qlimage", "-C", str(root), "build"]
-    timed(build)  # downloads, unpacks, first generation
     site = load_site(root)
     tree = Layout(site).stage("img00")
     # `build -a stage:img00 squashfs:img00` would also rebuild the module recipe the stage

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -128,6 +129,35 @@ def write_bytes(target: Path, data: bytes, mode: int = 0o644) -> None:
 
 def write_text(target: Path, text: str, mode: int = 0o644) -> None:
     write_bytes(target, text.encode(), mode)
+
+
+def write_text_if_changed(target: Path, text: str, mode: int = 0o644) -> bool:
+    """write_text unless `target` already is a regular file of `mode` holding `text` (configs
+    that name every node: a build that changed one of them leaves the others, their inodes and
+    their readers alone). Whether it wrote."""
+    data = text.encode()
+    if holds(target, data, mode):
+        return False
+    write_bytes(target, data, mode)
+    return True
+
+
+def holds(path: Path, data: bytes, mode: int) -> bool:
+    """Whether `path` is a regular file (a link is not followed) of `mode` holding `data`."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != mode:
+            return False
+        if st.st_size != len(data):
+            return False
+        # O_NOFOLLOW and the inode check: a file swapped for a link since the lstat is not read
+        # through; O_NONBLOCK: nor does a FIFO put there block the build.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        now = os.fstat(fd)
+        return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev) and f.read(len(data) + 1) == data
 
 
 def symlink(target: Path, points_to: str) -> None:

@@ -21,7 +21,8 @@ No other module spells a path below bootfiles/; the names a node fetches come fr
     head/exports.d/                  qlustar-chroots.exports: the NFS exports of the chroots
     kernel/                          the unpacked kernel package and kernel.json
     stage/<image>/, <image>.manifest the staged root tree of each image
-    manifests/                       doit's view of source trees (modules, overlays)
+    manifests/                       doit's view of source trees (modules, overlays);
+                                     bundles.json: what the bundle task served per node
     cache/modules/                   unpacked module packages, by package and version
     .build.lock, .build.running      the build lock; the marker a killed build leaves behind
     .validated.json                  site files that passed their schema (validation cache)
@@ -69,6 +70,7 @@ class Layout:
         self.boot = self.qlustar / contract.BOOT_DIR
         self.boot_current = self.boot / contract.CURRENT
         self.manifests = b / "manifests"
+        self.bundle_table = self.manifests / "bundles.json"
         self.stage_dir = b / "stage"
         self.module_cache = b / "cache" / "modules"
         self.lock = b / LOCK

@@ -839,3 +839,60 @@ def port80_guestfwd(port: int) -> str:
     """QEMU's guest forward of GRUB_HTTP_SERVER:80 to 127.0.0.1:`port`: QEMU runs socat for
     each connection the guest opens (no comma: QEMU's option syntax would split there)."""
     return f"tcp:{GRUB_HTTP_SERVER}:80-cmd:socat - TCP:127.0.0.1:{port}"
+
+
+# --- the edge site: every per-host branch of the head configs and the SSH host files ---------
+#
+# The bundle site plus hosts at the edges (issue 13 builds their lines in Python, not in
+# Jinja loops): an iPXE boot config, hostname overrides and aliases on several networks, a
+# network with a domain suffix, hosts without an address on some networks, repeated names,
+# boundary addresses, upper-case MACs, names sorting before and after the others, admin networks
+# and DNS servers. Golden files: tests/golden/head-edge/ and tests/golden/ssh-edge/.
+
+EDGE_HOSTS_TOML = f"""
+[[hosts]]
+name = "a0"
+mac = "52:54:00:AB:CD:EF"
+bootconfig = "netboot"
+networks.boot = {{ address = "10.0.2.1", hostname = "a0-boot", aliases = ["front", "f-1"] }}
+networks.ib = {{ address = "10.10.255.254", aliases = ["a0"] }}
+ssh_host_keys = ["{KEY_ED25519.rsplit(" ", 1)[0]}", "{KEY_ECDSA.rsplit(" ", 1)[0]}"]
+
+[[hosts]]
+name = "beo-100"
+mac = "52:54:00:12:35:00"
+bootconfig = "netboot"
+networks.boot = "10.0.2.254"
+networks.data = {{ address = "192.168.0.1", hostname = "store-100" }}
+networks.ipmi = {{ address = "10.1.0.100", hostname = "beo-100" }}
+
+[[hosts]]
+name = "beo-09"
+mac = "52:54:00:12:35:09"
+image = "demo"
+networks.boot = {{ address = "10.0.2.9", hostname = "node9" }}
+networks.ib = {{ address = "10.10.0.9", hostname = "node9", aliases = ["beo-09"] }}
+ssh_host_keys = ["{KEY_ECDSA.rsplit(" ", 1)[0]}"]
+
+[[hosts]]
+name = "zz-last"
+mac = "52:54:00:12:35:99"
+image = "rhel"
+networks.boot = {{ address = "10.0.2.199", aliases = ["z"] }}
+"""
+
+EDGE_SITE_SETTINGS = (
+    'admin_networks = ["192.168.7.0/24", "10.9.0.7/32", "0.0.0.0/0"]\n'
+    'dns = ["10.0.2.53", "8.8.8.8"]\n'
+)
+
+
+def make_edge_site(root: Path) -> Path:
+    """The bundle site with EDGE_HOSTS_TOML, an iPXE boot config, the ib network's domain
+    suffix `ib.cluster.` and EDGE_SITE_SETTINGS."""
+    make_site(root, extra_hosts=EDGE_HOSTS_TOML)
+    edit(root / "site.toml", "mtu = 2044\n", 'mtu = 2044\nsuffix = "ib.cluster."\n')
+    edit(root / "site.toml", "http_port = 8470\n", f"http_port = 8470\n{EDGE_SITE_SETTINGS}")
+    ipxe = '[bootconfigs.netboot]\nimage = "demo"\nloader = "ipxe"\n\n'
+    edit(root / "site.toml", "[bootconfigs.rhel]", f"{ipxe}[bootconfigs.rhel]")
+    return root

@@ -175,6 +175,8 @@ def test_qlimage_code_or_template_change_is_seen(site: Path) -> None:
     "output, task",
     [
         (f"qlustar/nodes/{NODE}/bundle.json", "bundle:beo-01"),
+        (f"tftpboot/grub/grub.cfg-01-{NODE}", "grub:configs"),
+        (f"tftpboot/ipxe/{NODE}.ipxe", "ipxe"),
         ("pxelinux.cfg/default", "pxelinux:configs"),
         ("head/nginx.conf", "headconfig"),
         ("qlustar/images/demo/current", "squashfs:demo"),

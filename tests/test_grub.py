@@ -11,6 +11,7 @@ and review the diff (`git diff tests/golden`) before committing it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from qlimage.boot import grub, ipxe, loaders
+from qlimage import atomic, templates
+from qlimage.boot import grub, ipxe, loaders, perhost
 from qlimage.layout import Layout
 from qlimage.pool.mirror import fetch_package
-from qlimage.site import BootConfig, Site, load_site
+from qlimage.site import BootConfig, Host, Site, load_site
 from qlimage.templates import UnsafeValue
 
 from helpers import assert_refused, check_golden, edit, qlimage, write_site
@@ -354,3 +356,241 @@ def test_ipxe_skips_a_host_it_cannot_boot_with_a_warning(
     assert sorted(rendered) == ["52-54-00-12-34-57.ipxe"]  # beo-01 (compute) has none
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and ".bootconfigs.compute.append" in err[0] and "beo-01" in err[0]
+
+
+# --- 10,000 hosts: one render per boot config, only changed files written --------------------
+
+
+def with_hosts(site: Site, hosts: list[Host], **bootconfigs: BootConfig) -> Site:
+    return replace(
+        site, bootconfigs={**site.bootconfigs, **bootconfigs}, hosts=(*site.hosts, *hosts)
+    )
+
+
+def spread_hosts(site: Site, count: int, bootconfigs: list[str]) -> list[Host]:
+    """`count` hosts like beo-01, round robin over `bootconfigs`."""
+    return [
+        replace(
+            site.hosts[0],
+            name=f"n{i:04d}",
+            mac=f"52:54:01:00:{i >> 8:02x}:{i & 255:02x}",
+            bootconfig=bootconfigs[i % len(bootconfigs)],
+        )
+        for i in range(count)
+    ]
+
+
+def hostile_site(site: Site) -> Site:
+    """Boot configs whose words need GRUB's quoting (and iPXE cannot carry), one over HTTP, one
+    naming another host's BOOTIF and config, two carrying the slot tokens themselves; hosts
+    spread over all of them, and one whose MAC is not in the model's form."""
+    bootconfigs = {
+        "quotes": BootConfig("quotes", "demo", 'a\'b "c" $x;reboot {c} #d ${net0/ip}', ""),
+        "http": BootConfig(
+            "http", "demo", "quiet", "", grub_fetch="http", grub_http_server="10.0.2.100"
+        ),
+        "bootif": BootConfig(
+            "bootif", "demo", "BOOTIF=01-52-54-01-00-00-00 qlustar.pxecfg=52-54-01-00-00-00", ""
+        ),
+        "slot": BootConfig("slot", "demo", f"x={perhost.SLOT}", ""),
+        "other-slot": BootConfig("other-slot", "demo", f"x={perhost.OTHER_SLOT}", ""),
+    }
+    hosts = spread_hosts(site, 40, [*sorted(bootconfigs), *sorted(site.bootconfigs)])
+    hosts.append(replace(site.hosts[0], name="upper", mac="52:54:01:AB:CD:EF", bootconfig="http"))
+    return with_hosts(site, hosts, **bootconfigs)
+
+
+def full_grub_configs(site: Site) -> dict[str, str]:
+    """grub.configs as one full render per host: what the shortcut must equal."""
+    default = site.bootconfigs.get(site.default_bootconfig or "")
+    out = {grub.CONFIG: grub.render_config(site, default, grub.CONFIG)}
+    for host in site.hosts:
+        name = grub.host_config_name(host)
+        out[name] = grub.render_config(site, site.bootconfigs[host.bootconfig], name, host)
+    return out
+
+
+def full_ipxe_scripts(site: Site) -> tuple[dict[str, str], list[str]]:
+    """ipxe.scripts as one full render per host, and the warning each refused host gets."""
+    out, warnings = {}, []
+    for host in site.hosts:
+        try:
+            text = ipxe.render_host(site, site.bootconfigs[host.bootconfig], host)
+        except UnsafeValue as e:
+            warnings.append(
+                f"qlimage: warning: site.toml: .bootconfigs.{host.bootconfig}.append: {e}; "
+                f"no iPXE script for {host.name}"
+            )
+        else:
+            out[ipxe.host_script_name(host)] = text
+    return out, warnings
+
+
+def test_grub_configs_equal_the_full_render_per_host(site: Site, tmp_path: Path) -> None:
+    hostile = hostile_site(site)
+    rendered = grub.configs(hostile)
+    assert rendered == full_grub_configs(hostile)
+    assert len(rendered) == len(hostile.hosts) + 1
+    # The shortcut is taken where it is sound, and only there.
+    for name in ("compute", "fallback", "quotes", "http", "bootif"):
+        assert grub.host_shape(hostile, hostile.bootconfigs[name]) is not None, name
+    for name in ("slot", "other-slot"):
+        assert grub.host_shape(hostile, hostile.bootconfigs[name]) is None, name
+    assert perhost.plain_mac(hostile.host("upper")) is None
+    assert "'BOOTIF=01-52-54-01-ab-cd-ef'" in rendered["grub.cfg-01-52-54-01-ab-cd-ef"]
+    script_check(rendered[grub.host_config_name(hostile.host("n0000"))], tmp_path)
+
+
+def test_ipxe_scripts_equal_the_full_render_per_host(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hostile = hostile_site(site)
+    rendered = ipxe.scripts(hostile)
+    err = capsys.readouterr().err.splitlines()
+    expected, warnings = full_ipxe_scripts(hostile)
+    assert rendered == expected
+    # The hosts of `quotes` get no script and the same warning each, in the hosts' order.
+    assert err == warnings
+    quotes = [h.name for h in hostile.hosts if h.bootconfig == "quotes"]
+    assert len(warnings) == len(quotes) > 1 and all(
+        h in w for h, w in zip(quotes, warnings, strict=True)
+    )
+    for name in ("compute", "http", "bootif"):
+        assert ipxe.host_shape(hostile, hostile.bootconfigs[name]) is not None, name
+    for name in ("quotes", "slot", "other-slot"):
+        assert ipxe.host_shape(hostile, hostile.bootconfigs[name]) is None, name
+
+
+def test_one_render_per_boot_config_whatever_the_host_count(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    render = templates.render
+
+    def counted(name: str, **context: object) -> str:
+        calls.append(name)
+        return render(name, **context)
+
+    monkeypatch.setattr(templates, "render", counted)
+    big = with_hosts(site, spread_hosts(site, 500, sorted(site.bootconfigs)))
+    grub.configs(big)
+    # The default config, then two renders (the slot proof) per boot config.
+    assert len(calls) == 1 + 2 * len(site.bootconfigs)
+    calls.clear()
+    ipxe.scripts(big)
+    assert len(calls) == 2 * len(site.bootconfigs)
+
+
+def stats(directory: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.lstat().st_ino, p.lstat().st_mtime_ns) for p in directory.iterdir()}
+
+
+OLD = 1_000_000_000  # an mtime no write of this test gives a file
+
+
+def test_writers_rewrite_only_changed_files(site: Site, tmp_path: Path) -> None:
+    """A host joins: its file is written, every other one keeps its inode and mtime."""
+    grown = with_hosts(site, spread_hosts(site, 1, ["compute"]))
+    new = grown.hosts[-1]
+    grub_dir, ipxe_dir = tmp_path / "grub", tmp_path / ipxe.DIRECTORY
+    grub.write_configs(grub.configs(site), grub_dir)
+    ipxe.write_scripts(ipxe.scripts(site), ipxe.dispatch(), tmp_path)
+    for p in [*grub_dir.iterdir(), *ipxe_dir.iterdir()]:
+        os.utime(p, (OLD, OLD))
+    before = {**stats(grub_dir), **stats(ipxe_dir)}
+
+    grub.write_configs(grub.configs(grown), grub_dir)
+    ipxe.write_scripts(ipxe.scripts(grown), ipxe.dispatch(), tmp_path)
+    after = {**stats(grub_dir), **stats(ipxe_dir)}
+    assert sorted(after) == sorted(
+        [*before, grub.host_config_name(new), ipxe.host_script_name(new)]
+    )
+    assert {name: after[name] for name in before} == before
+    assert {p.name: p.read_text() for p in grub_dir.iterdir()} == grub.configs(grown)
+    assert {p.name: p.read_text() for p in ipxe_dir.iterdir()} == ipxe.scripts(grown)
+
+    # A host leaves: only its files go.
+    grub.write_configs(grub.configs(site), grub_dir)
+    ipxe.write_scripts(ipxe.scripts(site), ipxe.dispatch(), tmp_path)
+    assert {**stats(grub_dir), **stats(ipxe_dir)} == before
+
+
+def test_writers_replace_what_is_not_their_regular_file(site: Site, tmp_path: Path) -> None:
+    """At a name: a link to a file with the right bytes is replaced, its target untouched; a
+    FIFO is replaced without blocking; a wrong mode or wrong bytes of the right size are
+    rewritten. Stale names go (links not followed), other files stay."""
+    rendered = grub.configs(with_hosts(site, spread_hosts(site, 1, ["compute"])))
+    directory = tmp_path / "grub"
+    directory.mkdir()
+    linked, fifo, mode, bytes_ = sorted(rendered)
+    assert "compute" in rendered[bytes_]
+    outside = tmp_path / "outside.cfg"
+    outside.write_text(rendered[linked])
+    os.symlink(outside, directory / linked)
+    os.mkfifo(directory / fifo)
+    (directory / mode).write_text(rendered[mode])
+    os.chmod(directory / mode, 0o600)
+    (directory / bytes_).write_text(rendered[bytes_].replace("compute", "cOmpute"))
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    os.symlink(victim, directory / "grub.cfg-01-de-ad-be-ef-00-01")  # a host that left
+    (directory / "grub.cfg-01-de-ad-be-ef-00-02").write_text("stale\n")
+    (directory / "README").write_text("not ours\n")
+
+    grub.write_configs(rendered, directory)
+    assert sorted(os.listdir(directory)) == sorted([*rendered, "README"])
+    for name, text in rendered.items():
+        path = directory / name
+        assert not path.is_symlink() and path.is_file(), name
+        assert path.read_text() == text and path.stat().st_mode & 0o777 == 0o644, name
+    assert outside.read_text() == rendered[linked] and victim.read_text() == "keep me\n"
+
+
+def test_writers_clamp_an_unchanged_file_touched_since(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(atomic, "_served", None)  # restored after the test
+    atomic.clamp_outputs_below([tmp_path], OLD)
+    rendered = grub.configs(site)
+    grub.write_configs(rendered, tmp_path / "grub")
+    path = tmp_path / "grub" / grub.CONFIG
+    assert path.stat().st_mtime == OLD
+    os.utime(path)  # now
+    inode = path.stat().st_ino
+    grub.write_configs(rendered, tmp_path / "grub")
+    assert (path.stat().st_ino, path.stat().st_mtime) == (inode, OLD)
+
+
+def test_files_digest_changes_exactly_with_the_files(site: Site) -> None:
+    """The digest (the tasks' up-to-date check) follows every name and byte: a shaped host's
+    boot config or MAC, a fully rendered host's text, a host joining or leaving; and not the
+    order of the hosts in the inventory."""
+    base = hostile_site(site)
+
+    def append(name: str, text: str) -> Site:
+        bootconfig = replace(base.bootconfigs[name], append=text)
+        return replace(base, bootconfigs={**base.bootconfigs, name: bootconfig})
+
+    n1 = base.host("n0001")
+    variants = {
+        "same": base,
+        "reordered": replace(base, hosts=tuple(reversed(base.hosts))),
+        "shaped append": append("bootif", "quiet splash"),
+        "whole append": append("slot", f"y={perhost.SLOT}"),
+        "mac": replace(
+            base,
+            hosts=tuple(replace(h, mac="52:54:01:00:ff:01") if h == n1 else h for h in base.hosts),
+        ),
+        "joined": with_hosts(base, [replace(n1, name="joined", mac="52:54:01:00:ff:02")]),
+        "left": replace(base, hosts=tuple(h for h in base.hosts if h != n1)),
+        "moved": replace(
+            base,
+            hosts=tuple(replace(h, bootconfig="compute") if h == n1 else h for h in base.hosts),
+        ),
+    }
+    for render in (grub.configs, ipxe.scripts):
+        before = render(base)
+        for label, variant in variants.items():
+            after = render(variant)
+            assert (after.digest == before.digest) == (after == before), (render, label)
+            assert (after == before) == (label in ("same", "reordered")), (render, label)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,105 @@ def test_node_renamed_and_back_serves_its_own_name(site: Path) -> None:
     assert build(site) == set()
 
 
+def served_files(site: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file and link below bootfiles/ but the build's own state: (inode, mtime, ctime)
+    show which the build rewrote (a rename-in gives a new inode)."""
+    out = {}
+    skipped = ("manifests", "stage", "cache", "kernel", "head/run")
+    for path in (site / "bootfiles").rglob("*"):
+        rel = str(path.relative_to(site / "bootfiles"))
+        if rel.startswith((*skipped, ".")) or (path.is_dir() and not path.is_symlink()):
+            continue
+        st = path.lstat()
+        out[rel] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    return out
+
+
+def rewritten(site: Path, edit: Callable[[], object]) -> set[str]:
+    """The served files a build after `edit` writes, removes or adds; the build runs `bundle`
+    for exactly one node (the bundle line names it)."""
+    before = served_files(site)
+    edit()
+    out = qlimage("-C", str(site), "build").stdout
+    after = served_files(site)
+    changed = {f for f in before.keys() & after.keys() if before[f] != after[f]}
+    node_lines = re.findall(r"^\.  bundle:(\S+)", out, re.M)
+    assert len(node_lines) == 1, out
+    return changed | (before.keys() ^ after.keys())
+
+
+def node_files(mac: str, changes: set[str]) -> set[str]:
+    """The node's served link and the files of its new generation (and of the one it left)."""
+    nodes = "qlustar/nodes/"
+    mine = {f for f in changes if f.startswith((f"{nodes}{mac}", f"{nodes}.{mac}."))}
+    assert f"{nodes}{mac}" in mine
+    assert {f.rsplit("/", 1)[-1] for f in mine - {f"{nodes}{mac}"}} <= {
+        "bundle.json",
+        "bundle.json.sha256",
+        "chroot",
+    }
+    return mine
+
+
+# What names a node: its DHCP entry (dnsmasq), nginx's allowed clients (by name and address),
+# ql-mcastd's (by address), the SSH host files (known_hosts by name only, for a node without
+# keys; shosts.equiv by name and address) and their sums; the pxelinux HOSTID link and index.
+CLUSTER = "qlustar/cluster/"
+BY_NAME = {"head/dnsmasq.conf", "head/nginx.conf", f"{CLUSTER}ssh_known_hosts"}
+BY_ADDRESS = {"head/dnsmasq.conf", "head/nginx.conf", "head/mcastd.json"}
+BY_BOTH = {f"{CLUSTER}shosts.equiv", f"{CLUSTER}SHA256SUMS"}
+
+
+def test_one_node_edited_rewrites_exactly_its_files(site: Path) -> None:
+    """Issue 13's goal 2: renaming, readdressing or reconfiguring one node rewrites that node's
+    served files and the files that name it, and nothing else (no other node's, no GRUB or
+    iPXE config of any host, no image)."""
+    assert build(site) == set()
+    nodes = site / "nodes.d/cluster.toml"
+    mac = "52-54-00-00-00-09"  # beo-09, added by an earlier test
+    text = nodes.read_text()
+
+    def rename() -> None:
+        nodes.write_text(text.replace('name = "beo-09"', 'name = "ren-09"'))
+
+    changes = rewritten(site, rename)
+    assert changes - node_files(mac, changes) == BY_NAME | BY_BOTH
+
+    def readdress() -> None:
+        nodes.write_text(nodes.read_text().replace('"10.0.2.99"', '"10.0.2.98"'))
+
+    changes = rewritten(site, readdress)
+    pxelinux = {"pxelinux.cfg/0A000263", "pxelinux.cfg/0A000262", "pxelinux.cfg/.hosts"}
+    assert changes - node_files(mac, changes) == BY_ADDRESS | BY_BOTH | pxelinux
+
+    def reconfigure() -> None:
+        nodes.write_text(nodes.read_text().replace("options.opensm = true", ""))
+
+    changes = rewritten(site, reconfigure)
+    assert changes - node_files(mac, changes) == set()
+
+    nodes.write_text(text)
+    assert "bundle:beo-09" in build(site)
+
+
+def test_node_whose_served_files_changed_is_published_again(site: Path) -> None:
+    """The bundle task's table is not trusted blindly: a link retargeted by hand or a file
+    removed from a node's generation makes exactly that node publish again."""
+    assert build(site) == set()
+    nodes = site / "bootfiles/qlustar/nodes"
+    link = nodes / "52-54-00-00-00-09"
+    served = os.readlink(link)
+    (nodes / served / "bundle.json.sha256").unlink()
+    assert build(site) == {"bundle:beo-09"}
+    assert (link / "bundle.json.sha256").is_file()
+    other = os.readlink(nodes / "52-54-00-12-34-56")  # beo-01's generation
+    link.unlink()
+    os.symlink(other, link)  # beo-09's MAC now serves beo-01's bundle
+    assert build(site) == {"bundle:beo-09"}
+    assert json.loads((link / "bundle.json").read_text())["node"] == "beo-09"
+    assert build(site) == set()
+
+
 def test_kernel_package_change_rebuilds_initrd_only(site: Path) -> None:
     text = (site / "site.toml").read_text()
     (site / "site.toml").write_text(text + '\n[kernel]\npackage = "linux-image-6.1.0-50-amd64"\n')
@@ -194,3 +294,18 @@ def test_kernel_package_change_rebuilds_initrd_only(site: Path) -> None:
 
 def test_noop_after_all_changes(site: Path) -> None:
     assert build(site) == set()
+
+
+def test_state_of_the_per_node_tasks_of_older_versions_is_dropped(tmp_path: Path) -> None:
+    """Older versions had a doit task per node; doit keeps the state of a task that is gone,
+    so a site upgraded at 10,000 nodes would read and write megabytes of it in every build."""
+    from qlimage.tasks.graph import read_state, repair_state
+
+    state = tmp_path / ".doit-state.json"
+    kept = {"kernel": {"checker:": "md5"}, "bundle": {"_values_:": {}}}
+    state.write_text(json.dumps({**kept, "bundle:beo-01": {}, "bundle:beo-02": {}}))
+    repair_state(state)
+    assert read_state(state) == kept
+    before = state.stat()
+    repair_state(state)  # nothing left to drop: not written again
+    assert state.stat().st_ino == before.st_ino

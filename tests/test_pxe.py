@@ -11,9 +11,12 @@ and review the diff (`git diff tests/golden`) before committing it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import random
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ import pytest
 from qlimage.boot import pxelinux as pxe
 from qlimage.errors import ConfigError, ToolMissing
 from qlimage.site import BootConfig, Site, load_site
+from qlimage.site.model import HostAddress
 
 from helpers import check_golden
 
@@ -219,3 +223,69 @@ def test_bootconfig_named_default_is_rejected(site_factory: SiteFactory) -> None
     with pytest.raises(ConfigError) as excinfo:
         load_site(root)
     assert any("default" in p for p in excinfo.value.problems)
+
+
+# --- HOSTIDs at 10,000 hosts: canonical dotted quads without ipaddress ------------------------
+
+
+def ipaddress_hostid(address: str) -> str:
+    return f"{int(ipaddress.IPv4Address(address)):08X}"
+
+
+def canonical_addresses() -> list[str]:
+    rng = random.Random(13)
+    edges = ["0.0.0.0", "255.255.255.255", "9.10.99.100", "199.200.249.250", "251.0.1.255"]
+    return edges + [str(ipaddress.IPv4Address(rng.getrandbits(32))) for _ in range(2000)]
+
+
+def test_hostid_of_canonical_addresses_needs_no_ipaddress(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    expected = {a: ipaddress_hostid(a) for a in canonical_addresses()}
+    monkeypatch.setattr(pxe, "ipaddress", None)  # the fast path must not reach it
+    assert {a: pxe.hostid(a) for a in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "010.0.2.15",  # leading zero: inet_aton reads it as octal, ipaddress refuses it
+        "10.0.2.015",
+        "0x0a.0.2.15",
+        "10.2.15",  # inet_aton: 10.2.0.15
+        "167772687",
+        "256.0.0.1",
+        "10.0.2.15.1",
+        "10..2.15",
+        " 10.0.2.15",
+        "10.0.2.15\n",
+        "\u0661\u0660.0.2.15",  # Arabic-Indic digits: str.isdigit() but not an address
+        "",
+    ],
+)
+def test_hostid_of_any_other_form_is_ipaddresss_answer(address: str) -> None:
+    with pytest.raises(ValueError):
+        ipaddress_hostid(address)
+    with pytest.raises(ValueError):
+        pxe.hostid(address)
+
+
+def test_host_links_take_each_hosts_boot_address(site: Site) -> None:
+    """Among several addresses, the one on the boot network, as site.boot_address says."""
+    hosts = [
+        replace(
+            site.hosts[0],
+            name=f"n{i}",
+            mac=f"52:54:01:00:00:{i:02x}",
+            addresses=(
+                HostAddress("ib", f"192.168.0.{i}", f"n{i}-ib", ()),
+                HostAddress("boot", f"10.0.{i}.{255 - i}", f"n{i}", ()),
+            ),
+            bootconfig=sorted(site.bootconfigs)[i % len(site.bootconfigs)],
+        )
+        for i in range(50)
+    ]
+    big = replace(site, hosts=(*site.hosts, *hosts))
+    links = pxe.host_links(big)
+    assert links == {ipaddress_hostid(big.boot_address(h)): h.bootconfig for h in big.hosts}
+    assert links["0A0001FE"] == hosts[1].bootconfig and len(links) == 52

@@ -12,6 +12,7 @@ and review the diff (`git diff tests/golden`) before committing it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import sys
@@ -23,10 +24,20 @@ import pytest
 
 from qlimage.errors import QlimageError
 from qlimage.layout import Layout
-from qlimage.serve import dnsmasq, head, nginx, unit
+from qlimage.serve import dnsmasq, head, mcastd, nginx, unit
 from qlimage.site import Site, load_site
 
-from helpers import HEAD, REPO, assert_refused, check_golden, edit, qlimage, sh, write_site
+from helpers import (
+    HEAD,
+    REPO,
+    assert_refused,
+    check_golden,
+    edit,
+    make_edge_site,
+    qlimage,
+    sh,
+    write_site,
+)
 
 SiteFactory = Callable[..., Path]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "head"
@@ -320,3 +331,64 @@ def test_serve_without_built_configs_is_refused(tmp_path: Path) -> None:
 def test_serve_check_without_built_configs_is_refused(tmp_path: Path) -> None:
     root = write_site(tmp_path / "site")
     assert_refused(root, "serve", "--check", names="run qlimage build first")
+
+
+# --- the edge site: per-host lines at their edges (issue 13: built in Python, not Jinja loops) --
+
+EDGE_GOLDEN = Path(__file__).resolve().parent / "golden" / "head-edge"
+
+
+@pytest.fixture
+def edge_site(tmp_path: Path) -> Site:
+    return load_site(make_edge_site(tmp_path / "edge"))
+
+
+def test_edge_site_configs_match_golden_files(edge_site: Site) -> None:
+    """Written by the Jinja loops before issue 13: the Python-built lines must not differ."""
+    check_golden(EDGE_GOLDEN, rendered(edge_site))
+
+
+def test_per_host_lines_agree_with_dhcp_hosts_and_clients(edge_site: Site) -> None:
+    """The public per-host views (dhcp_hosts, clients) say what the configs say."""
+    conf = dnsmasq.render(edge_site)
+    wanted = [
+        f"dhcp-host={h.mac},{'set:ipxe-host,' if h.ipxe else ''}{h.address},{h.hostname}"
+        for h in dnsmasq.dhcp_hosts(edge_site)
+    ]
+    assert [line for line in conf.splitlines() if line.startswith("dhcp-host=")] == wanted
+    assert sum(h.ipxe for h in dnsmasq.dhcp_hosts(edge_site)) == 2
+    clients = nginx.clients(edge_site)
+    geo = nginx.render(edge_site).split("default 0;\n", 1)[1].split("    }\n", 1)[0]
+    assert geo == "".join(f"        {c.cidr} 1;  # {c.why}\n" for c in clients)
+    config = json.loads(head.configs(edge_site)[mcastd.config_path(edge_site)])
+    assert config["clients"] == [c.cidr for c in clients]
+
+
+def with_host(site: Site, host: str, /, **changes: object) -> Site:
+    """The site with `host` changed past the loader (which would refuse these values)."""
+    hosts = [dataclasses.replace(h, **changes) if h.name == host else h for h in site.hosts]  # type: ignore[arg-type]
+    return dataclasses.replace(site, hosts=tuple(hosts))
+
+
+def with_boot_address(site: Site, name: str, **changes: object) -> Site:
+    host = site.host(name)
+    boot = dataclasses.replace(host.addresses[0], **changes)  # type: ignore[arg-type]
+    return with_host(site, name, addresses=(boot, *host.addresses[1:]))
+
+
+@pytest.mark.parametrize(
+    ("change", "refused"),
+    [
+        (lambda s: with_host(s, "beo-09", mac="52:54:00:12:35:09,set:evil"), "not a MAC address"),
+        (lambda s: with_host(s, "beo-09", name="beo-09\nport=53"), "not a host name"),
+        (lambda s: with_boot_address(s, "beo-09", hostname="node9,evil"), "not a host name"),
+        (lambda s: with_boot_address(s, "beo-09", address="10.0.2.9,10.0.2.10"), "not an IPv4"),
+        (lambda s: with_boot_address(s, "beo-09", address="10.0.2.09"), "not an IPv4"),
+    ],
+)
+def test_head_configs_refuse_what_would_split_a_line_or_a_field(
+    edge_site: Site, change: Callable[[Site], Site], refused: str
+) -> None:
+    """Past the loader a value that would end a line or a field is refused, never written."""
+    with pytest.raises(QlimageError, match=refused):
+        head.configs(change(edge_site))

@@ -13,17 +13,19 @@ and review `git diff tests/golden/ssh`. Keys for ssh-keygen's checks are made by
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
 
-from qlimage import templates
 from qlimage.bundle import render as qb
 from qlimage.bundle import sshfiles
 from qlimage.errors import ConfigError
 from qlimage.layout import Layout
 from qlimage.site import Site, load_site
+from qlimage.tasks.stamp import MARGIN_NS
 from qlimage.templates import UnsafeValue
 
 from helpers import (
@@ -32,6 +34,7 @@ from helpers import (
     assert_refused,
     check_golden,
     edit,
+    make_edge_site,
     make_site,
     qlimage,
     render,
@@ -160,19 +163,35 @@ def test_header_is_checked_and_read_inside_the_site(tmp_path: Path) -> None:
     assert "\nno final newline\n# --- generated" in text
 
 
+CLEAN = sshfiles.Entry("beo-00", "nodes.d/x.toml", ("beo-00", "10.0.2.14"), (KEY_ED25519,))
+
+
 @pytest.mark.parametrize(
-    "entry",
+    ("entry", "refusing"),
     [
-        sshfiles.Entry("beo-01\nevil", "nodes.d/x.toml", ("beo-01",), (KEY_ED25519,)),
-        sshfiles.Entry("beo-01", "nodes.d/x.toml", ("beo-01 evil",), (KEY_ED25519,)),
-        sshfiles.Entry("beo-01", "nodes.d/x.toml", ("beo-01",), (KEY_ED25519 + "\n* evil",)),
+        (sshfiles.Entry("beo-01\nevil", "nodes.d/x.toml", ("beo-01",), ()), {"both"}),
+        (sshfiles.Entry("beo-01\nevil", "nodes.d/x.toml", ("beo-01",), (KEY_ED25519,)), {"equiv"}),
+        (sshfiles.Entry("beo-01", "x.toml\n*", ("beo-01",), ()), {"known"}),
+        (sshfiles.Entry("beo-01", "nodes.d/x.toml", ("beo-01 evil",), (KEY_ED25519,)), {"both"}),
+        (sshfiles.Entry("beo-01", "nodes.d/x.toml", ("beo-01", ""), (KEY_ED25519,)), {"equiv"}),
+        (sshfiles.Entry("beo-01", "x", ("beo-01",), (KEY_ED25519 + "\n* evil",)), {"known"}),
+        (sshfiles.Entry("beo-01", "x", ("b\u00e9o-01",), (KEY_ED25519 + " \u00e9",)), set()),
     ],
 )
-def test_templates_refuse_what_ends_a_line_or_a_field(entry: sshfiles.Entry) -> None:
-    """Past the loader (which refuses such values), a template cannot write one either."""
-    with pytest.raises(UnsafeValue):
-        for name in ("ssh_known_hosts", "shosts.equiv"):
-            templates.render(f"bundle/{name}.j2", header="", header_path="h", hosts=[entry])
+def test_files_refuse_what_ends_a_line_or_a_field(
+    entry: sshfiles.Entry, refusing: set[str]
+) -> None:
+    """Past the loader (which refuses such values), neither file can be written with one: a
+    value is refused where the file would print it, by the filter its template used to apply
+    (templates.word or templates.line), also among clean hosts."""
+    files = {"known": sshfiles.KNOWN_HOSTS, "equiv": sshfiles.SHOSTS_EQUIV}
+    for key, f in files.items():
+        if refusing & {key, "both"}:
+            with pytest.raises(UnsafeValue, match=rf"^bundle/{f.name}.j2: .*(one word|control)"):
+                sshfiles.render_entries(f, "", [CLEAN, entry, CLEAN])
+        else:
+            text = sshfiles.render_entries(f, "", [CLEAN, entry])
+            assert text.endswith(sshfiles.render_entries(f, "", [entry]).split("---\n", 1)[1])
 
 
 def test_sums_are_what_sha256sum_checks(tmp_path: Path) -> None:
@@ -400,3 +419,60 @@ def assert_sums_check(layout: Layout) -> None:
         [sshfiles.SUMS, *(f.name for f in sshfiles.HOST_FILES)]
     )
     sh("sh", "-c", f"cd {top} && sha256sum --strict --quiet -c {sshfiles.SUMS}")
+
+
+# --- the edge site (issue 13: the generated part is built in Python, not in Jinja loops) ----
+
+EDGE_GOLDEN = Path(__file__).resolve().parent / "golden" / "ssh-edge"
+
+
+def test_edge_site_golden_files(tmp_path: Path) -> None:
+    """Written by the Jinja loops before issue 13: the Python-built lines must not differ."""
+    root = make_edge_site(tmp_path / "site")
+    write(root / "ssh/ssh_known_hosts.header", KNOWN_HEADER + "no final newline")
+    write(root / "ssh/shosts.equiv.header", "\r\n" + EQUIV_HEADER.replace("\n", "\r\n"))
+    rendered = sshfiles.render_all(load_site(root))
+    check_golden(EDGE_GOLDEN, {f.name: text for f, text in rendered.items()})
+    site = load_site(root)
+    for f in sshfiles.HOST_FILES:  # render() alone says the same
+        assert rendered[f] == sshfiles.render(site, f, sshfiles.read_header(site, f.header))
+
+
+def test_authorized_header_is_read_once_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sentinel: Path
+) -> None:
+    """Every node's bundle inputs ask for the authorized_keys header (10,000 times a build at
+    10,000 nodes): it is read once, and again whenever it or its directory changed."""
+    root = make_site(tmp_path / "site")
+    reads: list[str] = []
+    read_header = sshfiles.read_header
+
+    def counted(site: Site, rel: str) -> str:
+        reads.append(rel)
+        return read_header(site, rel)
+
+    monkeypatch.setattr(sshfiles, "read_header", counted)
+    site = load_site(root)
+    assert {sshfiles.authorized_header(site) for _ in range(1000)} == {""}  # no ssh/ at all
+    assert reads == [sshfiles.AUTHORIZED_KEYS_HEADER]
+    header = root / sshfiles.AUTHORIZED_KEYS_HEADER
+    write(header, "# ops A\n")
+    # Written within the kernel clock's margin: a rewrite could keep its stamps, so each ask reads.
+    assert [sshfiles.authorized_header(site) for _ in range(3)] == ["# ops A\n"] * 3
+    assert len(reads) == 4
+    time.sleep(MARGIN_NS / 1e9 + 0.1)
+    assert {sshfiles.authorized_header(load_site(root)) for _ in range(1000)} == {"# ops A\n"}
+    assert len(reads) == 5
+    # Rewritten in place, same size and mtime: the ctime still tells.
+    before = header.stat()
+    header.write_text("# ops B\n")
+    os.utime(header, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert sshfiles.authorized_header(site) == "# ops B\n"
+    # Gone: nothing; a link to a file outside the site: refused as read_header refuses it.
+    header.unlink()
+    assert sshfiles.authorized_header(site) == ""
+    header.symlink_to(sentinel / "secret")
+    time.sleep(MARGIN_NS / 1e9 + 0.1)
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=r"^ssh/authorized_keys\.header: not a regular file"):
+            sshfiles.authorized_header(site)

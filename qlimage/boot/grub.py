@@ -21,13 +21,11 @@ embed ("prohibited by secure boot policy"), so those nodes fall back to TFTP by 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from qlimage import contract, templates
-from qlimage.atomic import write_text
-from qlimage.boot import loaders
+from qlimage.boot import loaders, perhost
 from qlimage.boot.cmdline import kernel_command_line
 from qlimage.errors import BuildError
 from qlimage.layout import Layout
@@ -57,15 +55,35 @@ def quote(value: object) -> str:
 
 def bootif(host: Host) -> str:
     """`01-<mac with dashes>`: ARP type 1 (ethernet), as pxelinux's IPAPPEND 2 gives it."""
-    return "01-" + host.mac.lower().replace(":", "-")
+    return mac_bootif(host.mac.lower().replace(":", "-"))
+
+
+def mac_bootif(mac: str) -> str:
+    return "01-" + mac
 
 
 def host_config_name(host: Host) -> str:
     return f"{CONFIG}-{bootif(host)}"
 
 
+def mac_config_name(mac: str) -> str:
+    return f"{CONFIG}-{mac_bootif(mac)}"
+
+
 def render_config(
     site: Site, bootconfig: BootConfig | None, config_name: str, host: Host | None = None
+) -> str:
+    """The default config (no host) or `host`'s own, named `config_name`: the full render."""
+    return render(site, bootconfig, config_name, None if host is None else bootif(host))
+
+
+def render_mac_config(site: Site, bootconfig: BootConfig, mac: str) -> str:
+    """The config of a host whose MAC with dashes is `mac` (perhost.shape's slot)."""
+    return render(site, bootconfig, mac_config_name(mac), mac_bootif(mac))
+
+
+def render(
+    site: Site, bootconfig: BootConfig | None, config_name: str, host_bootif: str | None
 ) -> str:
     if bootconfig is None:
         banner = f"qlustar: grub config {config_name}: no boot config on the head, leaving GRUB"
@@ -73,8 +91,8 @@ def render_config(
             "boot/grub-unregistered.cfg.j2", banner=quote(banner), dispatch=True, config=CONFIG
         )
     words = kernel_command_line(site, bootconfig, config_name).split()
-    if host is not None:
-        words.append(contract.cmdline_arg(contract.CMDLINE_BOOTIF, bootif(host)))
+    if host_bootif is not None:
+        words.append(contract.cmdline_arg(contract.CMDLINE_BOOTIF, host_bootif))
     banner = f"qlustar: grub config {config_name} (boot config {bootconfig.name})"
     return templates.render(
         "boot/grub.cfg.j2",
@@ -86,7 +104,7 @@ def render_config(
         kernel_path=quote(KERNEL_PATH),
         initrd_path=quote(INITRD_PATH),
         args=[quote(w) for w in words],
-        dispatch=host is None,  # only the default config looks for a host's own
+        dispatch=host_bootif is None,  # only the default config looks for a host's own
         config=CONFIG,
     )
 
@@ -148,22 +166,30 @@ def install_http_module(site: Site) -> None:
     loaders.install_loaders(site, (http_module(layout),))
 
 
-def configs(site: Site) -> dict[str, str]:
+def configs(site: Site) -> perhost.Files:
     """{file name in grub/: content}: `grub.cfg` (the default boot config, else a config that
-    returns to the firmware) plus `grub.cfg-01-<mac>` per host."""
+    returns to the firmware) plus `grub.cfg-01-<mac>` per host. One render per boot config
+    (perhost.shape); a host's config is that text with its MAC filled in."""
     default = site.bootconfigs.get(site.default_bootconfig or "")
-    out = {CONFIG: render_config(site, default, CONFIG)}
+    out = perhost.Files()
+    out.put(CONFIG, render_config(site, default, CONFIG))
     for host in site.hosts:
-        name = host_config_name(host)
-        out[name] = render_config(site, site.bootconfigs[host.bootconfig], name, host)
+        if host.bootconfig not in out.shapes:
+            out.shapes[host.bootconfig] = host_shape(site, site.bootconfigs[host.bootconfig])
+        mac = perhost.plain_mac(host)
+        if mac is not None and out.shapes[host.bootconfig] is not None:
+            out.put_shaped(mac_config_name(mac), host.bootconfig, mac)
+        else:
+            name = host_config_name(host)
+            out.put(name, render_config(site, site.bootconfigs[host.bootconfig], name, host))
     return out
 
 
+def host_shape(site: Site, bootconfig: BootConfig) -> perhost.Shape | None:
+    return perhost.shape(lambda mac: render_mac_config(site, bootconfig, mac))
+
+
 def write_configs(rendered: dict[str, str], directory: Path) -> None:
-    """Make the GRUB configs in `directory` exactly `rendered`: a host that left the site (or
-    changed its MAC) loses its config in the same build."""
-    for name, text in sorted(rendered.items()):
-        write_text(directory / name, text)
-    for entry in os.scandir(directory):
-        if entry.name.startswith(CONFIG) and entry.name not in rendered:
-            os.unlink(entry.path)  # a name in this directory: a link is removed, not followed
+    """Make the GRUB configs in `directory` exactly `rendered`, rewriting only those that
+    changed: a host that left the site (or changed its MAC) loses its config in the same build."""
+    perhost.write_changed(directory, rendered, lambda name: name.startswith(CONFIG))

@@ -8,13 +8,13 @@ refused (the schemas keep such values out of the site first).
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
 
 from qlimage import contract, templates
 from qlimage.atomic import write_text
+from qlimage.boot import perhost
 from qlimage.boot.cmdline import kernel_command_line
 from qlimage.site import BootConfig, Host, Site
 
@@ -35,13 +35,23 @@ def word(value: object) -> str:
 
 def host_script_name(host: Host) -> str:
     """`<mac with dashes>.ipxe`: what `${mac:hexhyp}` expands to in the dispatch script."""
-    return host.mac.lower().replace(":", "-") + SUFFIX
+    return mac_script_name(host.mac.lower().replace(":", "-"))
+
+
+def mac_script_name(mac: str) -> str:
+    return mac + SUFFIX
 
 
 def render_host(site: Site, bootconfig: BootConfig, host: Host) -> str:
-    name = host_script_name(host)
+    """The host's script: the full render."""
+    return render_mac(site, bootconfig, host.mac.lower().replace(":", "-"))
+
+
+def render_mac(site: Site, bootconfig: BootConfig, mac: str) -> str:
+    """The script of a host whose MAC with dashes is `mac` (perhost.shape's slot)."""
+    name = mac_script_name(mac)
     words = kernel_command_line(site, bootconfig, name).split()
-    words.append(contract.cmdline_arg(contract.CMDLINE_BOOTIF, "01-" + name.removesuffix(SUFFIX)))
+    words.append(contract.cmdline_arg(contract.CMDLINE_BOOTIF, "01-" + mac))
     base = f"{site.http_base}/"
     return templates.render(
         "boot/ipxe-host.ipxe.j2",
@@ -53,14 +63,23 @@ def render_host(site: Site, bootconfig: BootConfig, host: Host) -> str:
     )
 
 
-def scripts(site: Site) -> dict[str, str]:
+def scripts(site: Site) -> perhost.Files:
     """{file name below ipxe/: content}: one script per host whose command line iPXE can
     carry. A host whose boot config's `append` it cannot (`$`, quotes, ...) gets none and a
-    warning: pxelinux and GRUB boot it as before, and the site's other loaders still build."""
-    out = {}
+    warning: pxelinux and GRUB boot it as before, and the site's other loaders still build.
+    One render per boot config (perhost.shape); a host's script is that text with its MAC
+    filled in, or, where that is not sure to be the same (a refused boot config among
+    them), its own full render."""
+    out = perhost.Files()
     for h in site.hosts:
+        if h.bootconfig not in out.shapes:
+            out.shapes[h.bootconfig] = host_shape(site, site.bootconfigs[h.bootconfig])
+        mac = perhost.plain_mac(h)
+        if mac is not None and out.shapes[h.bootconfig] is not None:
+            out.put_shaped(mac_script_name(mac), h.bootconfig, mac)
+            continue
         try:
-            out[host_script_name(h)] = render_host(site, site.bootconfigs[h.bootconfig], h)
+            out.put(host_script_name(h), render_host(site, site.bootconfigs[h.bootconfig], h))
         except templates.UnsafeValue as e:
             print(
                 f"qlimage: warning: site.toml: .bootconfigs.{h.bootconfig}.append: {e}; "
@@ -70,17 +89,16 @@ def scripts(site: Site) -> dict[str, str]:
     return out
 
 
+def host_shape(site: Site, bootconfig: BootConfig) -> perhost.Shape | None:
+    return perhost.shape(lambda mac: render_mac(site, bootconfig, mac))
+
+
 def dispatch() -> str:
     return templates.render("boot/ipxe-dispatch.ipxe.j2", directory=DIRECTORY, suffix=SUFFIX)
 
 
 def write_scripts(rendered: dict[str, str], dispatch_text: str, tftpboot: Path) -> None:
-    """The dispatch script and exactly `rendered` in ipxe/: a host that left loses its own."""
+    """The dispatch script and exactly `rendered` in ipxe/, rewriting only the scripts that
+    changed: a host that left loses its own."""
     write_text(tftpboot / DISPATCH, dispatch_text)
-    directory = tftpboot / DIRECTORY
-    for name, text in sorted(rendered.items()):
-        write_text(directory / name, text)
-    directory.mkdir(parents=True, exist_ok=True)
-    for entry in os.scandir(directory):
-        if entry.name.endswith(SUFFIX) and entry.name not in rendered:
-            os.unlink(entry.path)  # a name in this directory: a link is removed, not followed
+    perhost.write_changed(tftpboot / DIRECTORY, rendered, lambda name: name.endswith(SUFFIX))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,11 +22,18 @@ LDLINUX = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
 KERNEL_PATH = contract.boot_path(contract.KERNEL_FILE)  # relative to the TFTP root
 INITRD_PATH = contract.boot_path(contract.INITRD_FILE)
 HOSTS_INDEX = ".hosts"
+# An IPv4 address in canonical dotted-quad form (each octet 0-255 without leading zeros, ASCII
+# digits only): every loaded host's. socket.inet_aton also reads forms ipaddress refuses
+# ("10.1", "0x0a.0.0.1", "010.0.0.1"), so it sees only this one, where both agree.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+CANONICAL_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 
 def hostid(address: str) -> str:
     """The file name pxelinux tries for a client: its IPv4 address in upper-case hex."""
-    return f"{int(ipaddress.IPv4Address(address)):08X}"
+    if CANONICAL_IPV4.fullmatch(address):  # a tenth of ipaddress's cost, at 10,000 hosts
+        return socket.inet_aton(address).hex().upper()
+    return f"{int(ipaddress.IPv4Address(address)):08X}"  # decides (and refuses) the rest
 
 
 def render_config(site: Site, bootconfig: BootConfig | None, config_name: str) -> str:
@@ -51,7 +60,16 @@ def configs(site: Site) -> dict[str, str]:
 
 def host_links(site: Site) -> dict[str, str]:
     """{HOSTID: boot config file name} for every host."""
-    return {hostid(site.boot_address(h)): h.bootconfig for h in site.hosts}
+    network = site.boot_network.name  # once, not per host as site.boot_address(h) does
+    links = {}
+    for h in site.hosts:
+        for address in h.addresses:
+            if address.network == network:
+                links[hostid(address.address)] = h.bootconfig
+                break
+        else:  # site loading refuses a host without an address on the boot network
+            raise AssertionError(f"{h.name}: no address on the boot network")
+    return links
 
 
 def write_configs(site: Site, directory: Path) -> None:

@@ -7,32 +7,19 @@ link and its files in the same build (`prune_nodes`)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from qlimage import contract
-from qlimage.atomic import TMP_PREFIX, symlink, write_bytes
-from qlimage.bundle.render import bundle_json, render_bundle, warn_private_files
+from qlimage.atomic import TMP_PREFIX, symlink, write_bytes, write_text
+from qlimage.bundle.render import BundleInputs, bundle_json, render_bundle, warn_private_files
+from qlimage.errors import ConfigError, QlimageError
 from qlimage.image.publish import discard, fault_point, fsync_tree
 from qlimage.layout import Layout
 from qlimage.site import Host, Site
-
-
-def targets(layout: Layout, host: Host) -> list[Path]:
-    bundle = layout.bundle(host)
-    return [
-        bundle,
-        bundle.with_name(contract.checksum_name(bundle.name)),
-        chroot_file(layout, host),
-    ]
-
-
-def chroot_file(layout: Layout, host: Host) -> Path:
-    # The initrd reads this before it builds the union: overlayfs cannot gain a layer later, so
-    # a node's chroot (its own option, else its image's) must be known then, not by the runner.
-    return layout.node_dir(host) / contract.CHROOT_FILE
 
 
 def chroot_line(site: Site, host: Host) -> str:
@@ -69,10 +56,9 @@ def is_complete(gen: Path, files: dict[str, bytes]) -> bool:
         return False
 
 
-def publish_node(site: Site, host: Host) -> dict[str, str]:
+def publish_node(site: Site, host: Host, older: list[Path]) -> Path:
     """Render the node's files, write them as a new generation and switch the node's link to
-    it with one rename; then delete its older generations. Returns the generation it served
-    (doit keeps it with the task: `still_served`)."""
+    it with one rename; then delete its `older` generations. Returns the generation served."""
     layout = Layout(site)
     files = node_files(site, host)
     warn_private_files(site, host)  # a Root FS file not world-readable: say it travels anyway
@@ -82,27 +68,149 @@ def publish_node(site: Site, host: Host) -> dict[str, str]:
     fault_point("node-generation-renamed")
     link_node(layout.node_dir(host), gen.name)
     fault_point("node-linked")
-    for old in generations_of(layout.nodes(), layout.node_dir(host).name):
+    for old in older:
         if old != gen:
             discard(old, "node-discard-renamed")
-    return {SERVED: gen.name}
+    return gen
 
 
-SERVED = "served"
+# What the bundle task served, per node directory: [its input key, the generation, the
+# generation's stat key]. Build state kept beside doit's (Layout.bundle_table).
+Served = dict[str, list[Any]]
+TABLE_FORMAT = 1
 
 
-def still_served(link: Path, values: dict[str, Any]) -> bool:
-    """Whether the node's link still points at the generation this task served last. A task
-    that comes back under an old name (a node renamed and renamed back) finds its old values
-    unchanged, while the link shows what the task of the other name served."""
+class NodeBundles:
+    """Every node's bundle, published by one doit task: 10,000 tasks cost doit seconds per
+    build just to load and check, and a build after a one-node edit should cost that node.
+
+    A node is due when its input key (render.BundleInputs) is not the one it was served with,
+    or its link does not lead to the generation served then, as it was then (a link retargeted
+    or removed, a file added to or deleted from the generation: the directory's stat key).
+    The table is rewritten after the due nodes are published, so a killed build leaves the old
+    entries, and their nodes are due again (and publish the same bytes)."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.layout = Layout(site)
+        self.published: list[str] = []
+        self._due: list[tuple[Host, str]] | None = None
+        self.moved: list[str] = []
+        self.table: Served = {}
+
+    def outputs(self) -> list[str]:
+        """A file of every node's served directory, for the build stamp's view of the outputs
+        (a node directory's key changes with its link or its generation)."""
+        nodes = str(self.layout.nodes())
+        return [f"{nodes}/{node_name(h)}/{contract.BUNDLE_FILE}" for h in self.site.hosts]
+
+    def read_table(self) -> Served:
+        try:
+            doc = json.loads(self.layout.bundle_table.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(doc, dict) or doc.get("format") != TABLE_FORMAT:
+            return {}
+        nodes = doc.get("nodes")
+        return nodes if isinstance(nodes, dict) else {}
+
+    def due(self) -> list[tuple[Host, str]]:
+        """(host, its input key) of every node to publish; computed once per build. A node
+        whose generation is as served but whose directory's stat key is not (a copied or
+        restored site) is noted in `moved`, for the task to record again, not to publish."""
+        if self._due is None:
+            inputs = BundleInputs(self.site)
+            self.table = self.read_table()
+            nodes = str(self.layout.nodes())
+            self._due = []
+            for host in self.site.hosts:
+                name = node_name(host)
+                key = inputs.key(host)
+                entry = self.table.get(name)
+                served = (
+                    entry is not None and entry[0] == key and served_as(f"{nodes}/{name}", entry)
+                )
+                if served is None:
+                    self.moved.append(name)
+                elif not served:
+                    self._due.append((host, key))
+        return self._due
+
+    def up_to_date(self, task: Any, values: dict[str, Any]) -> bool:
+        return not self.due() and not self.moved
+
+    def publish(self) -> None:
+        """Publish the due nodes, each on its own: a node that fails is reported together with
+        every other that does, and the rest are served."""
+        due = self.due()
+        older = generations_by_node(self.layout.nodes(), {node_name(h) for h, _ in due})
+        problems = []
+        for host, key in due:
+            name = node_name(host)
+            try:
+                gen = publish_node(self.site, host, older.get(name, []))
+            except ConfigError as e:
+                problems += [f"{host.name}: {line}" for line in e.problems]
+                continue
+            except QlimageError as e:
+                problems.append(f"{host.name}: {e}")
+                continue
+            self.table[name] = [key, gen.name, list(dir_key(gen))]
+            self.published.append(host.name)
+        for name in self.moved:
+            self.table[name][2] = list(dir_key(self.layout.nodes() / name))
+        if due or self.moved:
+            wanted = {node_name(h) for h in self.site.hosts}
+            table = {n: e for n, e in sorted(self.table.items()) if n in wanted}
+            doc = {"format": TABLE_FORMAT, "nodes": table}
+            write_text(self.layout.bundle_table, json.dumps(doc, separators=(",", ":")))
+        if problems:
+            raise ConfigError(problems)
+
+
+def node_name(host: Host) -> str:
+    """The node's directory name below nodes/ (Layout.node_dir's, without a Path per host)."""
+    return host.mac.replace(":", "-").lower()
+
+
+def dir_key(path: Path | str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# What a node's generation holds (node_files).
+GENERATION_FILES = sorted(
+    [contract.BUNDLE_FILE, contract.checksum_name(contract.BUNDLE_FILE), contract.CHROOT_FILE]
+)
+
+
+def served_as(link: str, entry: list[Any]) -> bool | None:
+    """Whether the node's link leads to the generation `entry` names, unchanged since; None
+    when it does and the generation holds its files, but its directory is not the one served
+    (its stat key differs: the site was copied or restored from a backup)."""
     try:
-        return os.readlink(link) == values.get(SERVED)
-    except OSError:
+        if os.readlink(link) != entry[1]:
+            return False
+        if list(dir_key(link)) == entry[2]:
+            return True
+        return None if sorted(os.listdir(link)) == GENERATION_FILES else False
+    except (OSError, IndexError):
         return False
 
 
-def generations_of(nodes: Path, mac: str) -> list[Path]:
-    return sorted(p for p in nodes.glob(f".{mac}.*") if not p.name.startswith(TMP_PREFIX))
+def generations_by_node(nodes: Path, wanted: set[str]) -> dict[str, list[Path]]:
+    """{node directory name: its generations} of the `wanted` nodes, from one listing of
+    nodes/ (a glob per node would read the directory of every node once per node)."""
+    out: dict[str, list[Path]] = {}
+    try:
+        names = os.listdir(nodes)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        mac = generation_mac(name)
+        if mac in wanted:
+            out.setdefault(mac, []).append(nodes / name)
+    return out
 
 
 def generation_mac(name: str) -> str | None:

@@ -23,15 +23,21 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterator, Mapping
+import stat
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
+from typing import NamedTuple
 
 from qlimage import contract, templates
 from qlimage.atomic import write_text
 from qlimage.errors import ConfigError
 from qlimage.layout import Layout
 from qlimage.site import Host, Site
+from qlimage.tasks.stamp import MARGIN_NS
+from qlimage.templates import UnsafeValue
 from qlimage.trees import read_in_root
 
 HEADER_DIR = "ssh"  # below the site root
@@ -107,11 +113,22 @@ def with_suffix(name: str, suffix: str) -> str:
 def host_names(site: Site, host: Host) -> list[str]:
     """Every name of `host`, without repeats: the inventory name, then per network (in network
     order) its hostname and aliases, each followed by its form with the network's suffix."""
+    return names_of(host, suffixes(site))
+
+
+def suffixes(site: Site) -> dict[str, str]:
+    """{network: what with_suffix appends to a name there ("" for none)}."""
+    return {name: with_suffix("", net.suffix) for name, net in site.networks.items()}
+
+
+def names_of(host: Host, suffixes: Mapping[str, str]) -> list[str]:
     names = [host.name]
     for a in host.addresses:
-        suffix = site.networks[a.network].suffix
+        suffix = suffixes[a.network]
         for name in (a.hostname, *a.aliases):
-            names += [name, with_suffix(name, suffix)]
+            names.append(name)
+            if suffix:
+                names.append(name + suffix)
     return list(dict.fromkeys(names))
 
 
@@ -123,9 +140,8 @@ def host_addresses(host: Host) -> list[str]:
 # Rendering
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One managed host as the templates see it."""
+class Entry(NamedTuple):
+    """One managed host as the files name it (a tuple: 10,000 of them are made per build)."""
 
     name: str
     source: str
@@ -139,21 +155,105 @@ class Entry:
 
 
 def entries(site: Site) -> Iterator[Entry]:
-    for host in sorted(site.hosts, key=lambda h: h.name):
-        names = (*host_names(site, host), *host_addresses(host))
+    sfx = suffixes(site)
+    for host in sorted(site.hosts, key=attrgetter("name")):
+        a = host.addresses
+        if (
+            len(a) == 1
+            and a[0].hostname == host.name
+            and not a[0].aliases
+            and not sfx[a[0].network]
+        ):
+            names: tuple[str, ...] = (host.name, a[0].address)  # most hosts: what names_of says
+        else:
+            names = (*names_of(host, sfx), *host_addresses(host))
         yield Entry(host.name, host.source, names, host.ssh_host_keys)
 
 
 def render(site: Site, f: SshFile, header: str) -> str:
     """The whole file: a line saying where it comes from, the header, the generated part."""
-    return templates.render(
-        f"bundle/{f.name}.j2", header=header, header_path=f.header, hosts=list(entries(site))
-    )
+    return render_entries(f, header, list(entries(site)))
 
 
 def render_all(site: Site) -> dict[SshFile, str]:
     """Both host files, each with its header."""
-    return {f: render(site, f, read_header(site, f.header)) for f in HOST_FILES}
+    hosts = list(entries(site))
+    return {f: render_entries(f, read_header(site, f.header), hosts) for f in HOST_FILES}
+
+
+def render_entries(f: SshFile, header: str, hosts: list[Entry]) -> str:
+    name = f"bundle/{f.name}.j2"
+    try:
+        generated = GENERATORS[f.name](hosts)
+    except UnsafeValue as e:
+        raise UnsafeValue(f"{name}: {e}") from None  # as templates.render names it
+    return templates.render(name, header=header, header_path=f.header, generated=generated)
+
+
+# The generated parts are built here, not by loops in the templates: at 10,000 hosts a Jinja
+# loop calling a filter per value costs ten times as much. Each value still passes the filter
+# the template used (templates.word, templates.line), or, when a whole column is printable
+# ASCII, a regex that passes only what that filter returns unchanged.
+PLAIN_WORDS = re.compile(r"[!-~]+(?:\n[!-~]+)*")  # lines of printable ASCII but space
+PLAIN_LINES = re.compile(r"[ -~]*(?:\n[ -~]*)*")  # lines of printable ASCII
+
+
+def all_plain(texts: list[str], pattern: re.Pattern[str]) -> bool:
+    """Whether each text is a line `pattern` passes: one regex run over the texts joined by
+    newlines, once the count shows that no text holds one itself."""
+    joined = "\n".join(texts)
+    return not texts or (
+        joined.count("\n") == len(texts) - 1 and pattern.fullmatch(joined) is not None
+    )
+
+
+def filters(words: list[str], lines: list[str]) -> tuple[Callable[[str], str], ...]:
+    """(word, line) for these values: the identity when every value is plain, else the
+    templates' filters (which refuse the value that is not, as the template did)."""
+    if all_plain(words, PLAIN_WORDS) and all_plain(lines, PLAIN_LINES):
+        return str, str
+    return templates.word, templates.line
+
+
+def known_hosts_lines(hosts: list[Entry]) -> str:
+    """One line per key under all the host's names; a comment for a host without keys."""
+    keyed = [h for h in hosts if h.keys]
+    keyless = [h for h in hosts if not h.keys]
+    word, line = filters(
+        [h.patterns for h in keyed],
+        [k for h in keyed for k in h.keys] + [t for h in keyless for t in (h.name, h.source)],
+    )
+    lines = []
+    for h in hosts:
+        if h.keys:
+            patterns = word(h.patterns)
+            lines += [f"{patterns} {line(key)}" for key in h.keys]
+        else:
+            lines.append(
+                f"# {line(h.name)}: no ssh_host_keys in {line(h.source)}, so no line:"
+                " ssh cannot check its key"
+            )
+    return lines_text(lines)
+
+
+def shosts_equiv_lines(hosts: list[Entry]) -> str:
+    """A comment naming each host, then its names and addresses, one a line."""
+    word, line = filters([n for h in hosts for n in h.names], [h.name for h in hosts])
+    lines = []
+    for h in hosts:
+        lines.append("# " + line(h.name))
+        lines += map(word, h.names)
+    return lines_text(lines)
+
+
+def lines_text(lines: list[str]) -> str:
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+GENERATORS: dict[str, Callable[[list[Entry]], str]] = {
+    KNOWN_HOSTS.name: known_hosts_lines,
+    SHOSTS_EQUIV.name: shosts_equiv_lines,
+}
 
 
 def sums(files: Mapping[str, str]) -> str:
@@ -166,7 +266,49 @@ def sums(files: Mapping[str, str]) -> str:
 
 
 def authorized_header(site: Site) -> str:
-    return read_header(site, AUTHORIZED_KEYS_HEADER)
+    """The authorized_keys header. Every node's bundle inputs ask for it (10,000 times a
+    build), so it is read again only when the file or a directory on its way changed."""
+    root = site.paths.root
+    key = (str(root), AUTHORIZED_KEYS_HEADER)
+    signature = header_signature(root, AUTHORIZED_KEYS_HEADER)
+    if signature is not None:
+        known = _READ_HEADERS.get(key)
+        if known is not None and known[0] == signature:
+            return known[1]
+    text = read_header(site, AUTHORIZED_KEYS_HEADER)
+    if signature is not None and header_signature(root, AUTHORIZED_KEYS_HEADER) == signature:
+        _READ_HEADERS[key] = (signature, text)  # not changed while it was read
+    return text
+
+
+# {(site root, header): (its signature, its text)}; a process may load several sites, or one
+# site several times (tests).
+_READ_HEADERS: dict[tuple[str, str], tuple[tuple[object, ...], str]] = {}
+
+
+def header_signature(root: Path, rel: str) -> tuple[object, ...] | None:
+    """What identifies the header file and each directory on its way below the root: type,
+    inode, size, mtime and ctime of each (None past the first missing one). None when it cannot
+    tell: a symlink on the way (read_in_root decides where it leads), or a time within
+    MARGIN_NS of now (the kernel's coarse clock could give a rewrite the same stamps)."""
+    now = time.time_ns()
+    path = str(root)
+    signature: list[object] = []
+    for part in rel.split("/"):
+        path = f"{path}/{part}"  # os.path.join costs a third of the lstat
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            signature.append(None)
+            break
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode) or max(st.st_mtime_ns, st.st_ctime_ns) >= now - MARGIN_NS:
+            return None
+        signature.append(
+            (st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        )
+    return tuple(signature)
 
 
 def check_headers(site: Site) -> None:

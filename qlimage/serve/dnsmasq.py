@@ -55,6 +55,7 @@ class DhcpHost:
 
 def dhcp_hosts(site: Site) -> list[DhcpHost]:
     boot = site.boot_network.name
+    ipxe_configs = ipxe_bootconfigs(site)
     out = []
     for host in site.hosts:
         addr = host.address_on(boot)
@@ -65,17 +66,41 @@ def dhcp_hosts(site: Site) -> list[DhcpHost]:
                 values.ipv4(addr.address),
                 values.hostname(addr.hostname),
                 values.hostname(host.name),
-                site.bootconfigs[host.bootconfig].loader == "ipxe",
+                host.bootconfig in ipxe_configs,
             )
         )
     return out
+
+
+def ipxe_bootconfigs(site: Site) -> frozenset[str]:
+    return frozenset(name for name, b in site.bootconfigs.items() if b.loader == "ipxe")
+
+
+def host_lines(site: Site) -> tuple[str, bool]:
+    """(the dhcp-host lines, whether one sets the iPXE tag): what dhcp_hosts() says, with the
+    same checks, built a column at a time rather than by a loop in the template, which costs
+    ten times as much at 10,000 hosts."""
+    addrs = values.boot_addresses(site)
+    macs = values.checked([h.mac for h in site.hosts], values.MAC, values.mac)
+    ips = values.checked([a.address for a in addrs], values.CANONICAL_IPV4, values.ipv4)
+    names = values.checked([a.hostname for a in addrs], values.HOSTNAME, values.hostname)
+    # No line names the inventory name, but dhcp_hosts() refuses a bad one: so does this
+    # (most hosts have no hostname of their own on the boot network: checked just above).
+    if (inventory := [h.name for h in site.hosts]) != names:
+        values.checked(inventory, values.HOSTNAME, values.hostname)
+    ipxe_configs = ipxe_bootconfigs(site)
+    tags = [f"set:{IPXE_HOST_TAG}," if h.bootconfig in ipxe_configs else "" for h in site.hosts]
+    lines = [
+        f"dhcp-host={m},{t}{a},{n}\n" for m, t, a, n in zip(macs, tags, ips, names, strict=True)
+    ]
+    return "".join(lines), any(tags)
 
 
 def render(site: Site) -> str:
     layout = Layout(site)
     net = site.boot_network
     head = values.ipv4(site.head_address)
-    hosts = dhcp_hosts(site)
+    lines, any_ipxe = host_lines(site)
     return templates.render(
         "serve/dnsmasq.conf.j2",
         site_name=site.name,
@@ -91,17 +116,17 @@ def render(site: Site) -> str:
         netmask=str(net.cidr.netmask),
         boot_tag=BOOT_TAG,
         lease_time=LEASE_TIME,
-        lease_max=max(LEASE_MAX_MIN, 2 * len(hosts)),
+        lease_max=max(LEASE_MAX_MIN, 2 * len(site.hosts)),
         router=values.ipv4(net.gateway) if net.gateway else None,
         dns=[values.ipv4(a) for a in site.dns_servers] or [head],
         mtu=net.mtu,
-        hosts=hosts,
+        host_lines=lines,
         arch_tags=ARCH_TAGS,
         boot_files=BOOT_FILES,
         ipxe_host_tag=IPXE_HOST_TAG,
         ipxe_client_tag=IPXE_CLIENT_TAG,
         ipxe_option=IPXE_OPTION,
-        ipxe_boot_files=IPXE_BOOT_FILES if any(h.ipxe for h in hosts) else {},
+        ipxe_boot_files=IPXE_BOOT_FILES if any_ipxe else {},
         ipxe_dispatch=ipxe.DISPATCH,
         on_boot_network=ipaddress.IPv4Address(head) in net.cidr,
     )

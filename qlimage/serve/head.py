@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from qlimage import run
-from qlimage.atomic import write_text
+from qlimage.atomic import write_text_if_changed
 from qlimage.errors import QlimageError
 from qlimage.layout import Layout
 from qlimage.serve import dnsmasq, mcastd, nginx, unit
@@ -31,10 +31,11 @@ CHECK_TIMEOUT = 60.0
 def configs(site: Site) -> dict[Path, str]:
     """{config file: its text} for every head service."""
     layout = Layout(site)
+    clients = nginx.client_rows(site)  # who may fetch may ask for multicast: made once
     return {
         layout.dnsmasq_conf: dnsmasq.render(site),
-        layout.nginx_conf: nginx.render(site),
-        mcastd.config_path(site): mcastd.render(site),
+        layout.nginx_conf: nginx.render_for(site, clients),
+        mcastd.config_path(site): mcastd.render_for(site, [cidr for cidr, _ in clients]),
         layout.serve_unit: unit.render(site),
     }
 
@@ -49,7 +50,7 @@ def digest(rendered: dict[Path, str]) -> str:
 
 def write_configs(rendered: dict[Path, str]) -> None:
     for path, text in rendered.items():
-        write_text(path, text)
+        write_text_if_changed(path, text)
 
 
 def describe(site: Site) -> str:

@@ -40,16 +40,33 @@ class Client:
 
 def clients(site: Site) -> list[Client]:
     """Who may fetch: loopback, the admin networks, every registered node's boot address."""
-    out = [Client(LOOPBACK, "loopback")]
-    out += [Client(values.cidr(n), "admin network") for n in site.admin_networks]
-    out += [
-        Client(values.ipv4(site.boot_address(h)) + "/32", f"node {values.hostname(h.name)}")
-        for h in site.hosts
-    ]
-    return out
+    return [Client(cidr, why) for cidr, why in client_rows(site)]
+
+
+def client_rows(site: Site) -> list[tuple[str, str]]:
+    """clients() as (CIDR, why) pairs: one for each of 10,000 nodes costs a tenth of a
+    Client, and the checks go a column at a time (values.checked)."""
+    rows = [(LOOPBACK, "loopback")]
+    rows += [(values.cidr(n), "admin network") for n in site.admin_networks]
+    addrs = [a.address for a in values.boot_addresses(site)]
+    addrs = values.checked(addrs, values.CANONICAL_IPV4, values.ipv4)
+    names = values.checked([h.name for h in site.hosts], values.HOSTNAME, values.hostname)
+    rows += [(f"{a}/32", f"node {n}") for a, n in zip(addrs, names, strict=True)]
+    return rows
+
+
+def geo_lines(rows: list[tuple[str, str]]) -> str:
+    """The geo block's entries, one a line: built here, not by a loop in the template (ten
+    times the cost at 10,000 nodes)."""
+    return "\n".join([f"        {cidr} 1;  # {why}" for cidr, why in rows])
 
 
 def render(site: Site) -> str:
+    return render_for(site, client_rows(site))
+
+
+def render_for(site: Site, rows: list[tuple[str, str]]) -> str:
+    """render() with the client_rows(site) the caller already has (head.configs)."""
     layout = Layout(site)
     run_dir = values.config_path(layout.head_run)
     return templates.render(
@@ -66,7 +83,7 @@ def render(site: Site) -> str:
         listen=f"{values.ipv4(site.head_address)}:{int(site.http_port)}",
         bootfiles=values.config_path(layout.bootfiles),
         location=f"/{contract.QLUSTAR_DIR}/",
-        clients=clients(site),
+        geo_lines=geo_lines(rows),
     )
 
 

@@ -9,11 +9,17 @@ refused with the setting to change.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlimage.errors import ConfigError, QlimageError
+
+if TYPE_CHECKING:  # the site loader imports this module
+    from qlimage.site import HostAddress, Site
 
 # dnsmasq splits values at `,` and reads `#` and quotes; nginx splits at whitespace and `;`,
 # expands `$` and reads `{}` and quotes. Neither can carry these, so a path must avoid them.
@@ -65,3 +71,38 @@ def hostname(value: str) -> str:
     if not HOSTNAME.fullmatch(value):
         raise QlimageError(f"not a host name (RFC 1123 label, lower case): {value!r}")
     return value
+
+
+# --- whole columns: one value per host, 10,000 hosts (issue 13) --------------------------------
+
+
+def checked(texts: list[str], pattern: re.Pattern[str], check: Callable[[str], str]) -> list[str]:
+    """`[check(t) for t in texts]` for a `check` above that returns every text `pattern`
+    fullmatches unchanged (and `pattern` matches no newline): one regex run over the texts
+    joined by newlines, in C, for a column of clean values, and `check` (its canonical form,
+    its error) only when one is not."""
+    joined = "\n".join(texts)
+    # The count shows that no text holds a newline itself: the joined lines are the texts.
+    if joined.count("\n") == len(texts) - 1 and column(pattern).fullmatch(joined):
+        return texts
+    return [check(t) for t in texts]
+
+
+@functools.cache
+def column(pattern: re.Pattern[str]) -> re.Pattern[str]:
+    """Lines that each fullmatch `pattern`."""
+    return re.compile(rf"(?:{pattern.pattern})(?:\n(?:{pattern.pattern}))*")
+
+
+def boot_addresses(site: Site) -> list[HostAddress]:
+    """Each host's address on the boot network, in host order (site.boot_address for all)."""
+    boot = site.boot_network.name
+    out = []
+    for host in site.hosts:
+        for addr in host.addresses:
+            if addr.network == boot:
+                out.append(addr)
+                break
+        else:
+            raise AssertionError(f"{host.name}: no boot address")  # the loader requires one
+    return out

@@ -8,11 +8,13 @@ Like mkosi's config, nothing downstream re-reads or re-checks a site file: tasks
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import ipaddress
 import json
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Iterator, Mapping
 from functools import cache
@@ -24,6 +26,7 @@ from typing import Any
 from qlimage.atomic import write_text
 from qlimage.errors import ConfigError
 from qlimage.layout import VALIDATION_CACHE
+from qlimage.site import inventory
 from qlimage.site.model import (
     Archive,
     BootConfig,
@@ -72,7 +75,8 @@ def json_path(path: Any) -> str:
     return out or "."
 
 
-# Cache entries of an inventory's valid hosts, by file: "hosts:<path>" -> [schema, digests].
+# Cache entries of an inventory's valid hosts, by file: "hosts:<path>" -> [schema, digests]; for
+# inventories read whole (read_inventory keeps the hosts of the others in their own entry).
 HOSTS_SLOT = "hosts:"
 
 
@@ -93,9 +97,10 @@ class ValidationCache:
         self.changed = False
         if path is not None:
             try:
-                self.entries = json.loads(path.read_text())
+                entries = json.loads(path.read_text())
             except (OSError, ValueError):
-                self.entries = {}
+                entries = {}
+            self.entries = entries if isinstance(entries, dict) else {}
 
     @staticmethod
     def key(file: Path, schema_name: str) -> list[Any]:
@@ -147,6 +152,43 @@ class ValidationCache:
                     self.entries[HOSTS_SLOT + str(file)] = [key[2], valid_hosts]
                 self.changed = True
         return raw
+
+    def read_inventory(self, file: Path, where: str, problems: list[str]) -> dict[str, Any] | None:
+        """read() of a nodes.d file, host by host (site/inventory.py): after one node of a
+        10,000-node file changed, only its chunk is parsed and validated. The file's entry is
+        [key, prefix digest, prefix data, [[chunk digest, host table], ...] in file order],
+        each table valid. A file that does not cut into hosts is read() whole."""
+        try:
+            blob = file.read_bytes()
+        except OSError as e:
+            problems.append(f"{where}: cannot read: {e.strerror}")
+            return None
+        key = [hashlib.sha256(blob).hexdigest(), "nodes", self.schema_digest("nodes")]
+        entry = self.entries.get(str(file))
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == key:
+            return self.read(file, "nodes", where, problems)  # read whole before, unchanged
+        known = inventory.remembered(entry, key)
+        if known is not None and known.key == key:
+            return inventory.assemble(known.prefix, known.hosts)
+        parsed = inventory.parse(blob, known.by_digest if known is not None else {})
+        if parsed is None:
+            return self.read(file, "nodes", where, problems)
+        errors = []
+        if known is None or known.prefix_digest != parsed.prefix_digest:  # else valid still
+            errors += validate({**parsed.prefix, "hosts": []}, "nodes", where)
+        for i in parsed.new:
+            # Validated alone as hosts[0] of an otherwise empty file: renumbered to its place.
+            alone = validate({"hosts": [parsed.hosts[i]]}, "nodes", where)
+            errors += [e.replace(f"{where}: .hosts[0]", f"{where}: .hosts[{i}]", 1) for e in alone]
+        if errors:
+            problems += errors
+            return None
+        with contextlib.suppress(OSError):
+            if self.key(file, "nodes") == key:  # not edited while it was parsed
+                self.entries[str(file)] = inventory.entry(key, parsed)
+                self.entries.pop(HOSTS_SLOT + str(file), None)  # the whole-file way's
+                self.changed = True
+        return parsed.data
 
     def validate_file(
         self, raw: dict[str, Any], schema_name: str, where: str, file: Path
@@ -248,7 +290,25 @@ def rel(path: Path, root: Path) -> str:
 
 def load_site(root: Path | str = ".") -> Site:
     """Read, validate and freeze the site below `root`; ConfigError lists every problem."""
-    root = Path(root).resolve()
+    with gc_paused():
+        return read_site(Path(root).resolve())
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cycle collector paused: a 10,000-node site makes some 200,000 objects, none
+    in a cycle, and each collection the allocations trigger walks all of them again (20 ms of
+    a 100 ms load). Collection resumes afterwards; nothing is lost, only deferred."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def read_site(root: Path) -> Site:
     problems: list[str] = []
     site_path = root / SITE_FILE
     if not site_path.exists():
@@ -671,10 +731,12 @@ def load_hosts(
             seen[kind, value] = where
 
     boot_net = next((n for n in networks.values() if n.boot), None)
+    ranges = {name: host_range(net) for name, net in networks.items()}
+    head_canonical = canonical_ipv4(head) is not None  # else: the slow way
     files: list[tuple[str, dict[str, Any]]] = []
     for path in toml_files(paths.nodes, problems, paths.root):
         where = rel(path, paths.root)
-        raw = checked.read(path, "nodes", where, problems)
+        raw = checked.read_inventory(path, where, problems)
         if raw is None:
             continue
         files.append((where, raw))
@@ -699,7 +761,8 @@ def load_hosts(
                     )
                     continue
                 net = networks[net_name]
-                unusable = unusable_address(entry["address"], net, head)
+                fine = head_canonical and usable(entry["address"], ranges[net_name], head)
+                unusable = "" if fine else unusable_address(entry["address"], net, head)
                 if unusable:
                     problems.append(f"{at}.networks.{net_name}: {entry['address']} {unusable}")
                 claim("address", entry["address"], f"{at}.networks.{net_name}")
@@ -725,7 +788,9 @@ def load_hosts(
                     where,
                     MappingProxyType(options),
                     MappingProxyType(sources),
-                    host_keys(h.get("ssh_host_keys", []), f"{at}.ssh_host_keys", problems),
+                    host_keys(h["ssh_host_keys"], f"{at}.ssh_host_keys", problems)
+                    if "ssh_host_keys" in h
+                    else (),
                 )
             )
     problems += ssh_name_problems(hosts)
@@ -798,8 +863,8 @@ def ssh_name_problems(hosts: list[Host]) -> list[str]:
 
 def unicast_mac(mac: str) -> bool:
     """A NIC's own address: not all zeros, and the group bit (multicast, broadcast) clear."""
-    octets = [int(part, 16) for part in mac.split(":")]
-    return any(octets) and not octets[0] & 1
+    value = int(mac.replace(":", ""), 16)  # one int() a host, not six: 10,000 hosts a load
+    return value != 0 and not value >> 40 & 1
 
 
 def unusable_address(address: str, net: Network, head: str) -> str:
@@ -814,6 +879,31 @@ def unusable_address(address: str, net: Network, head: str) -> str:
     if addr == ipaddress.IPv4Address(head):
         return "is the head's own address (site.toml .head.address)"
     return ""
+
+
+def host_range(net: Network) -> tuple[int, int]:
+    """The first and last address a host can have on `net`, as integers (see usable)."""
+    low, high = int(net.cidr.network_address), int(net.cidr.broadcast_address)
+    return (low + 1, high - 1) if net.cidr.prefixlen < 31 else (low, high)
+
+
+def usable(address: str, host_range: tuple[int, int], head: str) -> bool:
+    """The common case of unusable_address at an eighth of its cost (1 against 8 µs, paid for
+    each of 10,000 hosts): a canonical dotted quad (what the schema's ipv4 format lets
+    through) inside the network's host_range that is not the (canonical) `head`. False: ask
+    unusable_address, which words the problem."""
+    value = canonical_ipv4(address)
+    return value is not None and host_range[0] <= value <= host_range[1] and address != head
+
+
+def canonical_ipv4(text: str) -> int | None:
+    """The address `text` spells the way ipaddress does (dotted decimal, no leading zeros),
+    as an integer; else None. inet_aton alone also reads "10.1", "0x0a.0.0.1", "010.0.0.1"."""
+    try:
+        packed = socket.inet_aton(text)
+    except (OSError, ValueError):  # ValueError: a NUL or a character that is not ASCII
+        return None
+    return int.from_bytes(packed, "big") if socket.inet_ntoa(packed) == text else None
 
 
 def collect_named(
@@ -854,6 +944,8 @@ def merge_options(
     2. the host's own `optionsets`, in order;
     3. the host's inline `options` table.
     """
+    if "groups" not in h and "optionsets" not in h and "options" not in h:
+        return {}, {}  # nothing to merge (and 10,000 such hosts cost nothing)
     layers: list[tuple[str, Mapping[str, Any]]] = []
     for j, g in enumerate(h.get("groups", [])):
         if g not in groups:
@@ -894,6 +986,8 @@ def check_options(
     problems: list[str],
 ) -> None:
     """What the schema cannot know: referenced networks, rootfs configs and chroots exist."""
+    if not options:
+        return
 
     def bad(kind: str, message: str) -> None:
         problems.append(f"{at}: {kind} (from {sources[kind]}): {message}")
@@ -964,7 +1058,10 @@ def authorized_key_problem(key: str) -> str:
 
 def reserved_pxelinux_name(name: str) -> bool:
     """Names a boot config file cannot take: pxelinux's own `default` and HOSTID links."""
-    return name == "default" or re.fullmatch(r"[0-9A-Fa-f]{1,8}", name) is not None
+    return name == "default" or HOSTID.fullmatch(name) is not None
+
+
+HOSTID = re.compile(r"[0-9A-Fa-f]{1,8}")  # pxelinux's hex IP names (checked for every host)
 
 
 def host_bootconfig(

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from qlimage.atomic import clamp_outputs_below, write_text
 from qlimage.boot import grub, ipxe, loaders
 from qlimage.boot import pxelinux as pxe
 from qlimage.bundle import publish as node_files
-from qlimage.bundle import render as bundle
 from qlimage.bundle import sshfiles
 from qlimage.errors import BootTestFailed, ConfigError, QlimageError
 from qlimage.image import generations, initrd, kernel, overlays, publish, rootpw, stage
@@ -38,6 +37,7 @@ from qlimage.pool.packages import (
     scan_pool,
 )
 from qlimage.site import Image, Site
+from qlimage.tasks.run import OUTPUTS, PER_NODE, PER_NODE_PREFIX
 from qlimage.trees import manifest
 
 Task = dict[str, Any]
@@ -77,15 +77,25 @@ def repair_state(path: Path) -> None:
     Set such a file aside instead of failing: every task then checks its targets again, and
     content-addressed generations make the rebuild publish nothing new."""
     try:
-        read_state(path)
+        state = read_state(path)
     except FileNotFoundError:
-        pass
+        return
     except ValueError:
         os.replace(path, path.with_name(path.name + ".torn"))
         print(
             f"qlimage: {path} was torn by an interrupted build; rebuilding from the outputs",
             file=sys.stderr,
         )
+        return
+    drop_node_tasks(path, state)
+
+
+def drop_node_tasks(path: Path, state: Any) -> None:
+    """Older versions had a task per node (`bundle:<node>`), now one `bundle` task: doit never
+    forgets a task that is gone, and 10,000 of them would be read and written by every build."""
+    if isinstance(state, dict) and any(k.startswith(PER_NODE_PREFIX) for k in state):
+        kept = {k: v for k, v in state.items() if not k.startswith(PER_NODE_PREFIX)}
+        write_text(path, json.dumps(kept))
 
 
 def sync_manifest(tree: Path, output: Path) -> Path:
@@ -196,11 +206,19 @@ def guarded(action: Callable[..., Any]) -> Callable[..., Any]:
             result = action(*args, **kwargs)
         except QlimageError as e:
             return UserFailure(e)
-        # A dict is values for doit to keep with the task (publish_node's); anything else an
+        # A dict is values for doit to keep with the task (the bundle task's); anything else an
         # action returns is not meant for doit, which would take False as a failure.
         return result if isinstance(result, dict) else None
 
     return wrapper
+
+
+def content_changed(content: Any) -> config_changed:
+    """config_changed of what a task writes, by its digest: doit keeps a string config as it
+    is, and the per-host configs of 10,000 nodes would be megabytes that every build reads
+    and writes back in doit's state."""
+    text = content if isinstance(content, str) else json.dumps(content, sort_keys=True)
+    return config_changed(hashlib.sha256(text.encode()).hexdigest())
 
 
 def group(basename: str, doc: str) -> Task:
@@ -340,7 +358,7 @@ def boot_test_deps(site: Site, image: str) -> list[str]:
     host = test_node(site, image)
     if host is None:
         return []
-    return ["kernel", "initrd", "tftpboot", "pxelinux", f"bundle:{host.name}"]
+    return ["kernel", "initrd", "tftpboot", "pxelinux", "bundle"]
 
 
 def task_pxelinux(site: Site) -> Iterator[Task]:
@@ -353,7 +371,7 @@ def task_pxelinux(site: Site) -> Iterator[Task]:
         "file_dep": [],
         "targets": [str(layout.pxelinux_cfg / n) for n in sorted(configs)],
         "actions": [(pxe.write_configs, [site, layout.pxelinux_cfg])],
-        "uptodate": [config_changed(json.dumps(configs, sort_keys=True))],
+        "uptodate": [content_changed(configs)],
     }
     links = pxe.host_links(site)
     yield {
@@ -362,7 +380,7 @@ def task_pxelinux(site: Site) -> Iterator[Task]:
         "file_dep": [],
         "targets": [str(layout.pxelinux_cfg / pxe.HOSTS_INDEX)],
         "actions": [(pxe.write_links, [links, layout.pxelinux_cfg])],
-        "uptodate": [config_changed(json.dumps(links, sort_keys=True))],
+        "uptodate": [content_changed(links)],
     }
 
 
@@ -381,9 +399,9 @@ def task_grub(site: Site) -> Iterator[Task]:
         "name": "configs",
         "doc": "write grub/grub.cfg and grub/grub.cfg-01-<mac> for every host",
         "file_dep": [],
-        "targets": [str(layout.grub_dir / n) for n in sorted(configs)],
+        **per_host_files(layout.grub_dir, configs),
         "actions": [(grub.write_configs, [configs, layout.grub_dir])],
-        "uptodate": [config_changed(json.dumps(configs, sort_keys=True))],
+        "uptodate": [content_changed(configs.digest), files_present(layout.grub_dir, configs)],
     }
     if grub.wants_http_module(site):
         module = grub.http_module(layout)
@@ -405,11 +423,36 @@ def task_ipxe(site: Site) -> Task:
     return {
         "doc": "iPXE: tftpboot/boot.ipxe and ipxe/<mac>.ipxe per host (kernel, initrd over HTTP)",
         "file_dep": [],
-        "targets": [str(layout.tftpboot / ipxe.DISPATCH)]
-        + [str(layout.ipxe_dir / n) for n in sorted(rendered)],
+        **per_host_files(layout.ipxe_dir, rendered),
+        "targets": [str(layout.tftpboot / ipxe.DISPATCH)],
         "actions": [(ipxe.write_scripts, [rendered, dispatch, layout.tftpboot])],
-        "uptodate": [config_changed(json.dumps([rendered, dispatch], sort_keys=True))],
+        "uptodate": [
+            content_changed([rendered.digest, dispatch]),
+            files_present(layout.ipxe_dir, rendered),
+        ],
     }
+
+
+def per_host_files(directory: Path, names: Iterable[str]) -> Task:
+    """A task's entries for one file per host in `directory`: no doit targets (doit would stat
+    each of 10,000 files in every build; `files_present` lists the directory once), but the
+    build stamp keys them all (`outputs`)."""
+    return {"targets": [], "meta": {OUTPUTS: [f"{directory}/{n}" for n in names]}}
+
+
+class files_present:
+    """Up to date only while every file named is in `directory` (what doit's target check
+    does, with one listing instead of a stat per file)."""
+
+    def __init__(self, directory: Path, names: Iterable[str]) -> None:
+        self.directory = directory
+        self.names = set(names)
+
+    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        try:
+            return self.names <= set(os.listdir(self.directory))
+        except OSError:
+            return False
 
 
 def task_ipxeloaders(site: Site) -> Iterator[Task]:
@@ -440,34 +483,20 @@ def loaders_task(site: Site, chosen: tuple[loaders.Loader, ...], doc: str) -> Ta
 
 
 def task_bundles(site: Site) -> Iterator[Task]:
-    layout = Layout(site)
-    yield group("bundle", "per-node bundle: every file and action the node runner applies")
-    for host in site.hosts:
-        yield {
-            "name": host.name,
-            "doc": f"bundle of {host.name} ({host.mac})",
-            "file_dep": [],
-            "targets": [str(t) for t in node_files.targets(layout, host)],
-            "actions": [(node_files.publish_node, [site, host])],
-            "uptodate": [
-                node_changed(
-                    bundle.bundle_inputs(site, host) + node_files.chroot_line(site, host),
-                    layout.node_dir(host),
-                )
-            ],
-        }
-
-
-class node_changed(config_changed):
-    """config_changed of a node's inputs, and the node's link still at what this task served:
-    one check per task, since doit inspects the signature of every check of every task."""
-
-    def __init__(self, config: str, link: Path):
-        super().__init__(config)
-        self.link = link
-
-    def __call__(self, task: Any, values: dict[str, Any]) -> bool:
-        return bool(super().__call__(task, values)) and node_files.still_served(self.link, values)
+    """One task for every node's bundle: it publishes exactly the nodes whose inputs changed
+    (or whose served files did), and the reporter names each (`.  bundle:<node>`). Yielded,
+    not returned: doit runs generator creators after the others (it orders creators by their
+    line, and `creator` makes two kinds), so bundles come after the images, as always."""
+    nodes = node_files.NodeBundles(site)
+    yield {
+        "basename": "bundle",
+        "doc": "per-node bundles: every file and action the node runner applies",
+        "file_dep": [],
+        "targets": [str(Layout(site).bundle_table)],
+        "actions": [nodes.publish],
+        "uptodate": [nodes.up_to_date],
+        "meta": {PER_NODE: nodes, OUTPUTS: nodes.outputs()},
+    }
 
 
 def task_ssh(site: Site) -> Iterator[Task]:
@@ -484,7 +513,7 @@ def task_ssh(site: Site) -> Iterator[Task]:
             "file_dep": [],
             "targets": [str(f.output(layout))],
             "actions": [(sshfiles.write, [texts[f.name], f.output(layout)])],
-            "uptodate": [config_changed(hashlib.sha256(texts[f.name].encode()).hexdigest())],
+            "uptodate": [content_changed(texts[f.name])],
         }
     sums = sshfiles.sums(texts)
     target = layout.cluster_file(sshfiles.SUMS)
@@ -497,7 +526,7 @@ def task_ssh(site: Site) -> Iterator[Task]:
         # old sums and then a new file sees a mismatch and retries, as for its bundle.
         "task_dep": [f"ssh:{f.name}" for f in sshfiles.HOST_FILES],
         "actions": [(sshfiles.write, [sums, target])],
-        "uptodate": [config_changed(sums)],
+        "uptodate": [content_changed(sums)],
     }
 
 
@@ -511,7 +540,7 @@ def task_exports(site: Site) -> Task:
         "file_dep": [],
         "targets": [str(exports.output(site))],
         "actions": [(exports.write, [text, exports.output(site)])],
-        "uptodate": [config_changed(hashlib.sha256(text.encode()).hexdigest())],
+        "uptodate": [content_changed(text)],
     }
 
 
@@ -519,7 +548,7 @@ def task_prune(site: Site) -> Task:
     """Outputs of hosts and images that left the site go in the same build. Its input is the
     set of what should exist, so a no-op build does not even list the directories."""
     layout = Layout(site)
-    macs = sorted(layout.node_dir(h).name for h in site.hosts)
+    macs = sorted(node_files.node_name(h) for h in site.hosts)
     images = sorted(site.images)
 
     def prune() -> None:

@@ -53,13 +53,26 @@ def planned_tasks(site: Site) -> dict[str, Any]:
 
 
 PER_NODE_PREFIX = "bundle:"
+# The key of a task's `meta` that holds a NodeBundles (graph.task_bundles).
+PER_NODE = "per_node"
+# The key of a task's `meta` that lists files it writes that doit does not check (its own
+# up-to-date check does): the build stamp keys them like targets.
+OUTPUTS = "outputs"
+
+
+def per_node(task: Any) -> Any:
+    """The NodeBundles of the task that publishes every node's bundle, else None."""
+    return (task.meta or {}).get(PER_NODE)
 
 
 class Reporter(ConsoleReporter):
     """doit's console reporter (`.  task` lines on standard output) that keeps failures to
     itself: `problems` are one line each (`task: problem`), `crashes` are bugs. With `echo`
     (plain `doit` through dodo.py, where nobody raises them afterwards) it prints them on
-    standard error at the end, qlimage style."""
+    standard error at the end, qlimage style.
+
+    The bundle task reports per node: `.  bundle:<node>` for each node it published, and one
+    line for all the others (a site of 10,000 nodes would print 10,000 lines on every build)."""
 
     def __init__(self, outstream: IO[str], options: dict[str, Any], *, echo: bool = False):
         super().__init__(outstream, options)
@@ -69,19 +82,34 @@ class Reporter(ConsoleReporter):
         self.crashes: list[tuple[str, str]] = []  # (one line, traceback)
         self.nodes_uptodate = 0
 
+    def execute_task(self, task: Any) -> None:
+        if per_node(task) is None:
+            super().execute_task(task)
+
+    def add_success(self, task: Any) -> None:
+        self.count_nodes(task)
+
     def skip_uptodate(self, task: Any) -> None:
-        # One line for the per-node tasks that are up to date, not one per node: a site of
-        # 10,000 nodes would print (and the admin scroll) 10,000 lines on every build.
-        if task.name.startswith(PER_NODE_PREFIX):
-            self.nodes_uptodate += 1
-        else:
+        if per_node(task) is None:
             super().skip_uptodate(task)
+        else:
+            self.nodes_uptodate += len(per_node(task).site.hosts)
+
+    def count_nodes(self, task: Any) -> None:
+        nodes = per_node(task)
+        if nodes is not None:
+            for name in nodes.published:
+                self.write(f".  {PER_NODE_PREFIX}{name}\n")
+            self.nodes_uptodate += len(nodes.site.hosts) - len(nodes.due())
 
     def add_failure(self, task: Any, fail: BaseFail) -> None:
         from qlimage.tasks.graph import UserFailure
 
+        self.count_nodes(task)
         if isinstance(fail, UserFailure):
-            self.problems += [f"{task.name}: {line}" for line in fail.lines]
+            # The bundle task's lines start with their node: `bundle:beo-01: ...`.
+            prefix = f"{task.name}: " if per_node(task) is None else PER_NODE_PREFIX
+            self.problems += [f"{prefix}{line}" for line in fail.lines]
             self.details.append(f"{task.name}: {fail.message}")
         elif isinstance(fail, UnmetDependency):
             pass  # a task skipped because another failed: that one is reported
@@ -124,6 +152,7 @@ class GraphFiles:
         if isinstance(task, dict):
             self.targets.update(str(t) for t in task.get("targets", ()))
             self.file_dep.update(str(f) for f in task.get("file_dep", ()))
+            self.targets.update((task.get("meta") or {}).get(OUTPUTS, ()))
         return task
 
     def wrap(self, tasks: dict[str, Any]) -> dict[str, Any]:

@@ -192,10 +192,6 @@ def under(path: Path, roots: Iterable[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
-def parent_of_parent(path: str) -> str:
-    return os.path.dirname(os.path.dirname(path))
-
-
 def plan_of(site: Site, targets: Iterable[str], file_dep: Iterable[str]) -> dict[str, Any]:
     """What the stamp of this site covers: every input tree and file, and what doit checks of
     the outputs (`targets` and `file_dep`: every file the graph's tasks named)."""
@@ -207,7 +203,8 @@ def plan_of(site: Site, targets: Iterable[str], file_dep: Iterable[str]) -> dict
     trees = [p.root] + [t for t in inputs[1:] if not under(t, [p.root])] + [p.cache]
     code = [package_dir(n) for n in ("qlimage", *LIBRARIES)]
     files = [site.kernel_deb, site.head_shadow, pxelinux.PXELINUX, pxelinux.LDLINUX]
-    directories = {d for t in targets for d in (os.path.dirname(t), parent_of_parent(t))}
+    parents = {os.path.dirname(t) for t in targets}
+    directories = parents | {os.path.dirname(d) for d in parents}
     return {
         "trees": [str(t) for t in trees] + [c for c in code if c],
         "skipped": [str(p.bootfiles), str(p.cache)] + [str(p.root / n) for n in SKIPPED_AT_ROOT],

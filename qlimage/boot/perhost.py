@@ -1,0 +1,132 @@
+"""Per-host boot files (GRUB configs, iPXE scripts) at 10,000 hosts: rendered once per boot
+config, written only when their bytes change.
+
+Two hosts of one boot config get the same file but for the host's own words (its MAC with
+dashes, in the file's name and BOOTIF). So the file is rendered once with a slot token where the
+MAC goes, and each host's file is that text with the token replaced: a string replacement
+instead of a Jinja render per host. The shortcut is taken only where it provably gives the
+render's bytes (`shape`); anything else falls back to the full render. The result (`Files`)
+carries a digest of that plan, for the tasks' up-to-date checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from qlimage import atomic
+from qlimage.atomic import served_epoch, write_text
+from qlimage.errors import QlimageError
+from qlimage.site import Host
+
+# Slot tokens stand for a MAC with dashes: as long as one (17 characters, so nothing that pads
+# or wraps by length can tell them apart), made only of characters that GRUB quoting and iPXE
+# words pass through unchanged, and upper case, which no rendered MAC is.
+SLOT = "QLIMAGEHOSTSLOT-A"
+OTHER_SLOT = "QLIMAGEHOSTSLOT-B"
+# What the model promises for Host.mac; a MAC in any other form gets the full render.
+MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+MODE = 0o644
+
+
+# A host's file split at its slots: the host's file is its MAC joined between the parts.
+Shape = tuple[str, ...]
+
+
+def shape(render: Callable[[str], str]) -> Shape | None:
+    """`render(SLOT)`, the file of a host whose MAC with dashes is SLOT, split at SLOT, when
+    joining the parts with a MAC gives exactly `render(MAC)`; else None. Rendering with a second
+    token proves it: the text with SLOT replaced must be the other token's render, and neither
+    token may occur in the other's text (a boot config that carries a token, or a template that
+    changes the value, shows there). A render that fails is done again, per host, by the full
+    render."""
+    try:
+        text, other = render(SLOT), render(OTHER_SLOT)
+    except QlimageError:
+        return None
+    if SLOT in other or OTHER_SLOT in text or text.replace(SLOT, OTHER_SLOT) != other:
+        return None
+    return tuple(text.split(SLOT))
+
+
+def plain_mac(host: Host) -> str | None:
+    """The host's MAC with dashes, when it has the plain form whose characters no quoting
+    touches (what the model promises); else None, and the host gets the full render."""
+    return host.mac.replace(":", "-") if MAC.fullmatch(host.mac) else None
+
+
+def fill(parts: Shape, mac: str) -> str:
+    """The file of the host whose `plain_mac` is `mac`, from its boot config's `shape`."""
+    return mac.join(parts)
+
+
+class Files(dict[str, str]):
+    """{file name: content} of per-host files, filled by `put` and `put_shaped` only, with a
+    `digest` that changes whenever a name or a byte does: a hash of each boot config's shape
+    and each host's MAC, not of the megabytes of text (what a task's up-to-date check needs
+    at 10,000 hosts). The digest may change when the files do not (a host's file made another
+    way, a boot config renamed), never the other way round: equal digests, equal files."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Each boot config's `shape` (None: its hosts get the full render), by its name.
+        self.shapes: dict[str, Shape | None] = {}
+        # file name: boot config, and file name: MAC, of the files put_shaped made. Strings
+        # only: a tuple per host would be 10,000 more objects for the garbage collector to
+        # walk, which doubled the time of a call.
+        self.shaped: dict[str, str] = {}
+        self.macs: dict[str, str] = {}
+        self.whole: set[str] = set()  # names put as text; a later put_shaped overrides
+
+    def put(self, name: str, text: str) -> None:
+        self.shaped.pop(name, None)
+        self.macs.pop(name, None)
+        self.whole.add(name)
+        self[name] = text
+
+    def put_shaped(self, name: str, key: str, mac: str) -> None:
+        """The file `fill(self.shapes[key], mac)`."""
+        parts = self.shapes[key]
+        assert parts is not None
+        self.shaped[name] = key
+        self.macs[name] = mac
+        self[name] = fill(parts, mac)
+
+    @property
+    def digest(self) -> str:
+        whole = {name: self[name] for name in self.whole if name not in self.shaped}
+        plan = [self.shapes, self.shaped, self.macs, whole]  # sort_keys: not the hosts' order
+        return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def write_changed(
+    directory: Path, rendered: Mapping[str, str], owned: Callable[[str], bool]
+) -> None:
+    """Make the files of `directory` that `owned` names exactly `rendered`: write a file only
+    when its bytes or mode differ (a host added to 10,000 renames in one file, not 10,000),
+    and remove owned names that are not in `rendered`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    epoch = served_epoch(directory)
+    with os.scandir(directory) as scan:
+        entries = {e.name: e for e in scan}
+    for name, text in sorted(rendered.items()):
+        entry = entries.get(name)
+        if entry is None or not holds(entry, text.encode(), epoch):
+            write_text(directory / name, text, MODE)
+    for name, entry in sorted(entries.items()):
+        if owned(name) and name not in rendered:
+            os.unlink(entry.path)  # a name in this directory: a link is removed, not followed
+
+
+def holds(entry: os.DirEntry[str], data: bytes, epoch: int | None) -> bool:
+    """atomic.holds with MODE; the mtime of a file that holds `data` is clamped to the served
+    epoch when something touched it since it was written."""
+    if not atomic.holds(Path(entry.path), data, MODE):
+        return False
+    if epoch is not None and os.lstat(entry.path).st_mtime > epoch:
+        os.utime(entry.path, (epoch, epoch), follow_symlinks=False)
+    return True
