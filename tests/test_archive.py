@@ -21,6 +21,7 @@ import requests
 from debian.debfile import DebFile
 
 from qlimage.errors import QlimageError
+from qlimage.pool import archive as archive_mod
 from qlimage.pool.archive import (
     Archive,
     BinaryPackage,
@@ -386,7 +387,8 @@ def test_index_fetch_uses_release_and_compression_fallback(
     assert "/dists/stable-updates/main/binary-amd64/Packages.gz" in seen
     indexes = tmp_path / "cache/indexes"
     cached = sorted(str(p.relative_to(indexes)) for p in indexes.rglob("*") if p.is_file())
-    assert len(cached) == 4 and all(".part" not in name for name in cached)
+    parsed = [name for name in cached if name.endswith(archive_mod.PARSED_SUFFIX)]
+    assert len(cached) == 4 + len(parsed) and all(".part" not in name for name in cached)
 
 
 @pytest.mark.tools
@@ -395,6 +397,29 @@ def test_index_cache_reused_while_fresh(repo_server: Server, tmp_path: Path) -> 
     before = len(repo_server.requests)
     assert make_archive(repo_server.url, tmp_path / "cache").package("app").version == "1.0"
     assert len(repo_server.requests) == before
+
+
+@pytest.mark.tools
+def test_parsed_index_is_reused_while_the_index_is_the_same_file(
+    repo_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Debian main index takes python-debian seconds to parse: the next process reads the
+    parsed copy beside it instead, with the same packages; a damaged copy is parsed again."""
+    first = make_archive(repo_server.url, tmp_path / "cache")
+    packages = {name: first.package(name) for name in ("app", "libfoo", "base", "python3")}
+    copies = list((tmp_path / "cache").rglob("*" + archive_mod.PARSED_SUFFIX))
+    assert len(copies) == 2  # one per suite
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the index was parsed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(archive_mod.Packages, "iter_paragraphs", refuse)
+        again = make_archive(repo_server.url, tmp_path / "cache")
+        assert {name: again.package(name) for name in packages} == packages
+    copies[0].write_text('{"key": "torn')
+    again = make_archive(repo_server.url, tmp_path / "cache")
+    assert {name: again.package(name) for name in packages} == packages
 
 
 @pytest.mark.tools

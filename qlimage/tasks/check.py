@@ -17,6 +17,7 @@ from doit.tools import config_changed
 from qlimage.errors import ConfigError, QlimageError
 from qlimage.layout import Layout
 from qlimage.pool.packages import load_control_cache, read_control
+from qlimage.serve.values import config_path
 from qlimage.site import Site
 from qlimage.tasks.graph import Plan, plan, read_state, task_kernel
 
@@ -44,6 +45,9 @@ def check_build(site: Site, *, archive: bool | None = None) -> Plan:
     root password), the local kernel .deb and, when the kernel task is due (or `archive`), the
     kernel package in the archive. ConfigError lists every problem."""
     problems: list[str] = []
+    # The head configs name paths below bootfiles/: a path they cannot carry fails every build,
+    # so it fails before the plan and the archive lookup, not when the configs are rendered.
+    collect(problems, lambda: config_path(Layout(site).head_run))
     # Seeded first so that the kernel .deb's control data lands in the cache the plan saves:
     # a no-op build then reads no .deb at all.
     load_control_cache(Layout(site).pool_cache)
