@@ -344,6 +344,24 @@ def test_download_verifies_and_reuses_the_cache(repo_server: Server, archive: Ar
 
 
 @pytest.mark.tools
+def test_download_all_returns_each_verified_deb_in_order(
+    repo_server: Server, archive: Archive
+) -> None:
+    """What recipes use: one progress line for the closure, the .debs in the closure's order,
+    the cached ones reused."""
+    cached = archive.package("libfoo")
+    archive.download(cached)
+    pkgs = [archive.package(n) for n in ("app", "libfoo", "base")]
+    before = len(repo_server.requests)
+    paths = archive.download_all(pkgs)
+    assert paths == [archive.cache_dir / "debs" / p.deb_name for p in pkgs]
+    assert all(
+        sha256_hex(path.read_bytes()) == p.sha256 for p, path in zip(pkgs, paths, strict=True)
+    )
+    assert len(repo_server.requests) == before + 2  # libfoo was cached
+
+
+@pytest.mark.tools
 def test_download_replaces_a_damaged_cached_file(repo_server: Server, archive: Archive) -> None:
     pkg = archive.package("python3")
     path = archive.download(pkg)

@@ -257,12 +257,13 @@ class Archive:
         """The verified .debs of `pkgs`, downloading the missing ones with one progress line
         (bytes and packages)."""
         missing = [p for p in pkgs if not (self.cache_dir / "debs" / p.deb_name).exists()]
+        place = {p.deb_name: i for i, p in enumerate(missing, 1)}  # a closure has hundreds
         shown = Progress("download", sum(p.size for p in missing), as_bytes=True)
         paths = []
         for pkg in pkgs:
-            if pkg in missing:
-                shown.extra = f"package {missing.index(pkg) + 1} of {len(missing)}"
-            paths.append(self.download(pkg, shown if pkg in missing else None))
+            if pkg.deb_name in place:
+                shown.extra = f"package {place[pkg.deb_name]} of {len(missing)}"
+            paths.append(self.download(pkg, shown if pkg.deb_name in place else None))
         shown.finish()
         return paths
 

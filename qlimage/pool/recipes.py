@@ -121,7 +121,8 @@ def build_module(site: Site, recipe: Recipe) -> Path:
 
     archive = open_archive(site)
     closure = archive.closure(recipe.packages, exclude=recipe.exclude)
-    debs = [(pkg, archive.download(pkg)) for pkg in closure]
+    # One progress line for the closure (bytes and packages), not one per package.
+    debs = list(zip(closure, archive.download_all(closure), strict=True))
     output = recipe_output(site, recipe)
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_temporaries(site, recipe)
