@@ -399,6 +399,7 @@ def task_grub(site: Site) -> Iterator[Task]:
         "name": "configs",
         "doc": "write grub/grub.cfg and grub/grub.cfg-01-<mac> for every host",
         "file_dep": [],
+        "targets": [],
         **per_host_files(layout.grub_dir, configs),
         "actions": [(grub.write_configs, [configs, layout.grub_dir])],
         "uptodate": [content_changed(configs.digest), files_present(layout.grub_dir, configs)],
@@ -434,10 +435,10 @@ def task_ipxe(site: Site) -> Task:
 
 
 def per_host_files(directory: Path, names: Iterable[str]) -> Task:
-    """A task's entries for one file per host in `directory`: no doit targets (doit would stat
-    each of 10,000 files in every build; `files_present` lists the directory once), but the
-    build stamp keys them all (`outputs`)."""
-    return {"targets": [], "meta": {OUTPUTS: [f"{directory}/{n}" for n in names]}}
+    """The `meta` of a task that writes one file per host in `directory`, which it names in no
+    doit targets (doit would stat each of 10,000 files in every build; `files_present` lists
+    the directory once): the build stamp keys them all (`outputs`)."""
+    return {"meta": {OUTPUTS: [f"{directory}/{n}" for n in names]}}
 
 
 class files_present:
