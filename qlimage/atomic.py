@@ -85,32 +85,36 @@ def clamp_ancestors(path: Path) -> None:
         clamp_one(parent)
 
 
-def clamp_served_dirs() -> None:
+def clamp_served_dirs(settled: Path | None = None) -> None:
     """Clamp every directory of the served trees: removing stale entries (old generations,
     nodes that left, configs of removed hosts) and swapping links changed their mtimes after
-    the writers above clamped them. Files are clamped when written; directories are few."""
+    the writers above clamped them. Files are clamped when written; directories are few.
+
+    The subdirectories of `settled` are known clamped (each was clamped when written, and is
+    as it was when the last build clamped it): they are not visited."""
     if _served is None:
         return
     roots, epoch = _served
+    skipped = str(settled.absolute()) if settled else None
     for root in roots:
         if os.path.isdir(root) and not os.path.islink(root):
-            clamp_dirs_below(str(root), os.lstat(root), epoch)
+            clamp_dirs_below(str(root), os.lstat(root), epoch, skipped)
 
 
-def clamp_dirs_below(path: str, st: os.stat_result, epoch: int) -> None:
+def clamp_dirs_below(path: str, st: os.stat_result, epoch: int, settled: str | None) -> None:
     # A site of 10,000 nodes has as many leaf directories, and this runs after every build that
     # did anything: one lstat each, and a directory is listed only when it has subdirectories.
     # On Linux a directory's link count is 2 + its subdirectories; btrfs says 1 for every
     # directory, which is not 2, so there every directory is listed (as `find -noleaf` does).
     if st.st_mtime > epoch:
         os.utime(path, (epoch, epoch), follow_symlinks=False)
-    if st.st_nlink == 2:
+    if st.st_nlink == 2 or path == settled:
         return
     with os.scandir(path) as entries:
         subdirs = [e for e in entries if e.is_dir(follow_symlinks=False)]
     for entry in subdirs:
         if not entry.name.startswith(TMP_PREFIX):
-            clamp_dirs_below(entry.path, entry.stat(follow_symlinks=False), epoch)
+            clamp_dirs_below(entry.path, entry.stat(follow_symlinks=False), epoch, settled)
 
 
 def clamp_one(path: Path) -> None:

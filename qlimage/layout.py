@@ -42,6 +42,10 @@ from qlimage import contract
 if TYPE_CHECKING:  # the site loader imports this module: no import cycle at run time
     from qlimage.site.model import Host, Site
 
+# The user's cache of downloads (pool.archive) and compiled templates (templates), shared by
+# every site the user builds.
+USER_CACHE = Path("~/.cache/qlimage")
+
 # Hidden state files directly below bootfiles/.
 LOCK = ".build.lock"
 RUNNING = ".build.running"

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
 import shlex
+import stat
 from pathlib import Path
 from typing import Any
 
 from qlimage.errors import QlimageError
+from qlimage.layout import USER_CACHE
 
 PACKAGE = Path(__file__).parent
 ROOMS = ("boot", "bundle", "serve")
@@ -29,19 +32,40 @@ def environment() -> Any:
     loader = jinja2.PrefixLoader(
         {room: jinja2.FileSystemLoader(PACKAGE / room / "templates") for room in ROOMS}
     )
-    env = jinja2.Environment(
-        loader=loader,
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
+    settings = {
+        "undefined": jinja2.StrictUndefined,
+        "keep_trailing_newline": True,
+        "autoescape": False,
+        "trim_blocks": True,
+        "lstrip_blocks": True,
+    }
+    env = jinja2.Environment(loader=loader, bytecode_cache=bytecode_cache(settings), **settings)
     env.filters["sh"] = sh
     env.filters["unit"] = unit
     env.filters["line"] = line
     env.filters["word"] = word
     return env
+
+
+def bytecode_cache(settings: dict[str, Any]) -> Any:
+    """Jinja's cache of compiled templates, kept between runs: compiling the templates a build
+    renders costs more than rendering them (about 25 ms of every build). Jinja keys an entry by
+    the template's name, file and source; the file name adds what else shapes the code, the
+    environment's settings and Jinja's version. None (compile every time) unless the directory
+    is ours and nobody else may write it: the cache holds code this process runs."""
+    import jinja2
+
+    directory = USER_CACHE.expanduser() / "templates"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = directory.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return None
+    shaped = repr(sorted(settings.items())) + jinja2.__version__
+    tag = hashlib.sha256(shaped.encode()).hexdigest()[:16]
+    return jinja2.FileSystemBytecodeCache(str(directory), f"%s.{tag}.cache")
 
 
 class UnsafeValue(QlimageError):

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 import qlimage
+from qlimage.bundle.publish import GENERATION_FILES
 from qlimage.pool.debpack import build_deb
+from qlimage.site import load_site
 from qlimage.tasks import stamp
 
 from helpers import REPO, clone_built_site
@@ -216,3 +218,61 @@ def test_copied_site_does_not_trust_the_stamp_it_carries(site: Path, tmp_path: P
     copy = clone_built_site(site, tmp_path / "copy")
     assert (copy / "bootfiles/.build-stamp.json").exists()
     declines(copy)
+
+
+def edit_beo_02(root: Path) -> None:
+    """Set or flip beo-02's opensm option (the last host of the file: appended to it)."""
+    nodes = root / "nodes.d/cluster.toml"
+    text = nodes.read_text()
+    flipped = {"true": "false", "false": "true"}
+    match = re.search(r"^options\.opensm = (true|false)\n\Z", text, re.M)
+    if match:
+        text = text[: match.start()] + f"options.opensm = {flipped[match[1]]}\n"
+    else:
+        text += "options.opensm = true\n"
+    nodes.write_text(text)
+
+
+def served_generation(root: Path) -> Path:
+    link = root / "bootfiles/qlustar/nodes" / NODE
+    return link.parent / os.readlink(link)
+
+
+def test_an_input_edit_trusts_the_outputs_as_stamped(site: Path) -> None:
+    """The build after an edit skips its checks of every node directory only when the stamp
+    saw the outputs as they are, and only while it is still that stamp under the lock."""
+    stamped(site)
+    edit_beo_02(site)
+    assert not stamp.up_to_date(site)
+    stamp.claim(load_site(site))
+    assert stamp.outputs_trusted()
+    assert not (site / "bootfiles/.build-stamp.json").exists()
+    assert executed(declines(site)) == {"bundle:beo-02"}
+
+    stamped(site)
+    edit_beo_02(site)
+    assert not stamp.up_to_date(site)
+    path = site / "bootfiles/.build-stamp.json"
+    path.write_bytes(path.read_bytes())  # another build ran and stamped in between
+    stamp.claim(load_site(site))
+    assert not stamp.outputs_trusted()
+    declines(site)
+
+
+@pytest.mark.parametrize("tamper", ["stray file", "link retargeted"])
+def test_changed_outputs_are_not_trusted_after_an_input_edit(site: Path, tamper: str) -> None:
+    """A served node changed behind the build's back is published again, also when an input
+    changed too (the build after an edit trusts only outputs as stamped)."""
+    stamped(site)
+    generation = served_generation(site)
+    if tamper == "stray file":
+        (generation / "stray").write_text("not the build's\n")
+    else:
+        link = site / "bootfiles/qlustar/nodes" / NODE
+        other = next(p for p in link.parent.iterdir() if p.name.startswith(".") and p != generation)
+        link.unlink()
+        link.symlink_to(other.name)
+    edit_beo_02(site)
+    assert not stamp.up_to_date(site)
+    assert executed(declines(site)) >= {"bundle:beo-01", "bundle:beo-02"}
+    assert sorted(os.listdir(served_generation(site))) == GENERATION_FILES

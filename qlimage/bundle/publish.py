@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from qlimage import contract
-from qlimage.atomic import TMP_PREFIX, symlink, write_bytes, write_text
+from qlimage.atomic import TMP_PREFIX, clamp_one, symlink, write_bytes, write_text
 from qlimage.bundle.render import BundleInputs, bundle_json, render_bundle, warn_private_files
 from qlimage.errors import ConfigError, QlimageError
 from qlimage.image.publish import discard, fault_point, fsync_tree
 from qlimage.layout import Layout
 from qlimage.site import Host, Site
+from qlimage.tasks import stamp
 
 
 def chroot_line(site: Site, host: Host) -> str:
@@ -122,13 +123,17 @@ class NodeBundles:
             inputs = BundleInputs(self.site)
             self.table = self.read_table()
             nodes = str(self.layout.nodes())
+            # Outputs as the stamped build left them: each node is served as its entry says.
+            trusted = stamp.outputs_trusted()
             self._due = []
             for host in self.site.hosts:
                 name = node_name(host)
                 key = inputs.key(host)
                 entry = self.table.get(name)
                 served = (
-                    entry is not None and entry[0] == key and served_as(f"{nodes}/{name}", entry)
+                    entry is not None
+                    and entry[0] == key
+                    and (trusted or served_as(f"{nodes}/{name}", entry))
                 )
                 if served is None:
                     self.moved.append(name)
@@ -207,8 +212,9 @@ def generations_by_node(nodes: Path, wanted: set[str]) -> dict[str, list[Path]]:
     except FileNotFoundError:
         return out
     for name in names:
-        mac = generation_mac(name)
-        if mac in wanted:
+        # Cheap test first: nodes/ holds two entries per node, and few nodes are wanted.
+        mac = name[1:].partition(".")[0]
+        if mac in wanted and generation_mac(name) == mac:
             out.setdefault(mac, []).append(nodes / name)
     return out
 
@@ -230,6 +236,7 @@ def write_generation(gen: Path, files: dict[str, bytes]) -> None:
         fsync_tree(work)
         discard(gen)  # a broken leftover of the same name
         os.rename(work, gen)
+        clamp_one(gen)  # here, not by clamp_served_dirs: it skips trusted node generations
     finally:
         if work.exists():
             discard(work)

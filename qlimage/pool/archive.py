@@ -41,11 +41,12 @@ from debian.debian_support import Version
 
 from qlimage.atomic import write_text
 from qlimage.errors import QlimageError
+from qlimage.layout import USER_CACHE
 from qlimage.progress import Progress
 from qlimage.run import run
 from qlimage.trees import file_digest
 
-DEFAULT_CACHE_DIR = Path("~/.cache/qlimage")
+DEFAULT_CACHE_DIR = USER_CACHE
 DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 # (connect, read) seconds: a mirror that stalls this long is treated as unreachable.
 TIMEOUT = (15.0, 60.0)

@@ -37,6 +37,7 @@ from qlimage.pool.packages import (
     scan_pool,
 )
 from qlimage.site import Image, Site
+from qlimage.tasks import stamp
 from qlimage.tasks.run import OUTPUTS, PER_NODE, PER_NODE_PREFIX
 from qlimage.trees import manifest
 
@@ -450,6 +451,10 @@ class files_present:
         self.names = set(names)
 
     def __call__(self, task: Any, values: dict[str, Any]) -> bool:
+        if stamp.outputs_trusted():
+            # The directory is as the stamped build left it, with every file then named; and
+            # with the same digest this task names the same files (else it runs anyway).
+            return True
         try:
             return self.names <= set(os.listdir(self.directory))
         except OSError:

@@ -26,6 +26,7 @@ from doit.reporter import ConsoleReporter
 from qlimage.atomic import clamp_served_dirs
 from qlimage.errors import TaskCrashed, TaskFailures
 from qlimage.image.publish import build_lock
+from qlimage.layout import Layout
 from qlimage.site import Site
 from qlimage.tasks import stamp
 
@@ -180,7 +181,7 @@ def doit_namespace(site: Site, tasks: dict[str, Any], reporter: Reporter) -> dic
 def locked_if_running(site: Site, doit_args: Sequence[str], *, wait: bool) -> Iterator[None]:
     if runs_tasks(doit_args):
         with build_lock(site.paths.bootfiles, wait=wait):
-            stamp.discard(site)  # whatever runs now may change what the last build stamped
+            stamp.claim(site)
             yield
     else:
         yield
@@ -207,7 +208,9 @@ def run_graph(
         loader = ModuleTaskLoader(doit_namespace(site, named.wrap(tasks), reporter))
         status = DoitMain(loader).run(list(doit_args))
         if runs_tasks(doit_args):
-            clamp_served_dirs()  # before the stamp: it records the directories' stat keys
+            # Before the stamp: it records the directories' stat keys. Node generations are
+            # clamped when written; trusted outputs hold no other (10,000 lstat's saved).
+            clamp_served_dirs(Layout(site).nodes() if stamp.outputs_trusted() else None)
         if on_success and not status and not reporter.crashes and not reporter.problems:
             on_success(named)
     reporter.raise_failures()
