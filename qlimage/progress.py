@@ -1,4 +1,4 @@
-"""Progress of long work (mksquashfs of an image, package downloads).
+"""Progress of long work (mksquashfs of an image, package downloads, chroot creation).
 
 When standard error is a terminal, one live line there is rewritten in place. Anywhere else (a
 log, CI) work that lasts more than a moment prints a plain line every 10 % or every 5 seconds,
@@ -8,8 +8,10 @@ errors (one line each). `qlimage build --quiet` calls `silence()`.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import IO
 
@@ -45,11 +47,18 @@ class Progress:
         as_bytes: bool = False,
         stream: IO[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        prefix: str = "qlimage",
+        live: bool | None = None,
     ) -> None:
+        """`prefix` starts each line (a daemon's name); `live` False keeps a terminal to plain
+        lines too (a daemon's log, which other lines share)."""
         self.label = label
         self.total = max(float(total), 0.0)
         self.as_bytes = as_bytes
-        self.live = sys.stderr.isatty() if stream is None else stream.isatty()
+        self.prefix = prefix
+        if live is None:
+            live = sys.stderr.isatty() if stream is None else stream.isatty()
+        self.live = live
         self.stream = stream or (sys.stderr if self.live else sys.stdout)
         self.clock = clock
         self.started = clock()
@@ -70,7 +79,7 @@ class Progress:
             else f"{self.done:.0f}/{self.total:.0f}"
         )
         extra = f", {self.extra}" if self.extra else ""
-        return f"qlimage: {self.label}: {self.percent():3.0f} % ({amount}{extra})"
+        return f"{self.prefix}: {self.label}: {self.percent():3.0f} % ({amount}{extra})"
 
     def update(self, done: float, extra: str = "") -> None:
         """The work is `done` units far (`extra`: a short note, e.g. `3/12 packages`)."""
@@ -108,6 +117,13 @@ class Progress:
             self.stream.write(self.text() + "\n")
         self.stream.flush()
 
+    def abandon(self) -> None:
+        """The work stopped short (its tool failed): a live line ends where it stands, so that
+        the error starts on a line of its own; a log already has its lines."""
+        if self.live and self.shown and not self.quiet:
+            self.stream.write("\n")
+            self.stream.flush()
+
 
 class SquashfsBar:
     """Reads mksquashfs' progress bar (`\\r[===/   ]  177/1234  14%`) from its output."""
@@ -126,3 +142,106 @@ class SquashfsBar:
                     self.progress.total = float(total)
                     self.progress.update(float(done))
                     return
+
+
+# --- mmdebstrap ------------------------------------------------------------------------------
+# mmdebstrap draws its own bar only on a terminal and keeps apt's status fd to itself, so a
+# chroot's progress is read from `mmdebstrap --verbose`: its stage lines (`I: ...`) and the lines
+# apt and dpkg print. Those carry real counts: apt says how many packages it installs and how
+# many bytes it must fetch, then names each package (with its size) as it fetches it; dpkg
+# unpacks and sets up each package once. mmdebstrap's own extraction prints nothing: no share.
+APT_UNITS = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+APT_SIZE = r"([0-9]+(?:\.[0-9]+)?) ?([kMGT]?B)"
+APT_NEED = re.compile(rf"Need to get {APT_SIZE}(?:/{APT_SIZE})? of archives\.")
+APT_NEW = re.compile(r"[0-9]+ upgraded, ([0-9]+) newly installed, ")
+APT_GET = re.compile(rf"Get:[0-9]+ \S+ .* \[{APT_SIZE}\]$")
+DPKG_STEPS = ("Unpacking ", "Setting up ")  # each package is unpacked once and set up once
+TOOL_TAIL = 12  # lines of a tool's output kept for its error
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def apt_bytes(number: str, unit: str) -> float:
+    """apt's rounded sizes (`206 kB`, `10.2 MB`, `0 B`: powers of 1000) as bytes."""
+    return float(number) * APT_UNITS[unit]
+
+
+class MmdebstrapLog:
+    """Reads `mmdebstrap --verbose` output into one Progress per phase under `label`: the
+    download (bytes of apt's "Need to get", and packages), then each install (packages unpacked
+    and set up, of apt's "newly installed"). `make` builds each Progress (tests: a clock and a
+    stream); the last lines are kept for an error message."""
+
+    def __init__(self, label: str, make: Callable[..., Progress] = Progress) -> None:
+        self.label = label
+        self.make = make
+        self.pending = b""
+        self.shown: Progress | None = None
+        self.phase = ""  # "download" or "install": what `shown` counts
+        self.packages = 0  # apt's latest "N newly installed"
+        self.fetched = 0
+        self.steps = 0
+        self.tail: deque[str] = deque(maxlen=TOOL_TAIL)
+
+    def feed(self, chunk: bytes) -> None:
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
+        for raw in lines:
+            self.line(raw.decode(errors="replace").rstrip("\r"))
+
+    def line(self, text: str) -> None:
+        if text.strip():
+            self.tail.append(text)
+        if text.startswith("I: "):  # a new stage of mmdebstrap's: whatever was counted ended
+            self.end_phase()
+        elif need := APT_NEED.match(text):
+            self.start_download(apt_bytes(need[1], need[2]))
+        elif new := APT_NEW.match(text):
+            self.packages = int(new[1])
+        elif self.phase == "download" and (get := APT_GET.match(text)):
+            self.fetched += 1
+            self.count(
+                self.done() + apt_bytes(get[1], get[2]),
+                plural(self.fetched, "package") + " fetched",
+            )
+        elif text.startswith(DPKG_STEPS) and self.packages:
+            if self.phase != "install":
+                self.end_phase()
+                self.begin("install", self.make(self.label, self.packages))
+                self.steps = 0
+            self.steps += 1
+            self.count(self.steps / 2, "installing packages")
+
+    def start_download(self, size: float) -> None:
+        self.end_phase()
+        if size > 0:  # everything came from the cache: nothing to show
+            self.begin("download", self.make(self.label, size, as_bytes=True))
+            self.fetched = 0
+
+    def begin(self, phase: str, shown: Progress) -> None:
+        self.phase, self.shown = phase, shown
+
+    def done(self) -> float:
+        return self.shown.done if self.shown else 0.0
+
+    def count(self, done: float, extra: str) -> None:
+        if self.shown is not None:
+            self.shown.update(min(done, self.shown.total), extra)
+
+    def end_phase(self) -> None:
+        if self.shown is not None:
+            self.shown.finish()
+        self.shown, self.phase = None, ""
+
+    def close(self, ok: bool) -> None:
+        """The tool ended: a phase it completed gets its last line; after a failure a live line
+        ends where it stood, not at 100 %."""
+        if self.pending:
+            self.line(self.pending.decode(errors="replace"))
+            self.pending = b""
+        if ok:
+            self.end_phase()
+        elif self.shown is not None:
+            self.shown.abandon()
+            self.shown, self.phase = None, ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tomllib
@@ -271,7 +272,9 @@ def test_edit_changes_only_the_description(site: Path) -> None:
     assert "to rebuild: qlimage" in out.stdout
     after = tomllib.loads(path.read_text())
     assert after == {**before, "description": 'new "quoted" été'}
-    again = chroot(site, "edit", "base", "--description", 'new "quoted" été', "--no-build")
+    again = chroot(
+        site, "edit", "base", "--description", 'new "quoted" été', "--no-build", "--quiet"
+    )
     assert "description unchanged" in again.stdout
     assert_refused(site, "chroot", "edit", "base", "--description", "two\nlines", names="--desc")
     assert tomllib.loads(path.read_text()) == after
@@ -322,9 +325,12 @@ def test_a_failed_create_leaves_nothing(site: Path) -> None:
     proc = chroot(site, "create", "doomed", "--task", "broken", "--no-build", check=False)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+    *above, last = proc.stderr.strip().splitlines()
     assert last.startswith("qlimage: chroot doomed: mmdebstrap failed with status "), last
     assert last.endswith("nothing was created"), last
+    # mmdebstrap's last lines (its apt and dpkg chatter is not shown) say why, above the error
+    assert "E: Unable to locate package qlimage-no-such-pkg" in above, proc.stderr
+    assert len(above) <= 12
     assert sorted(os.listdir(site.parent / "trees")) == before
     assert not (site / "chroots/doomed").exists()
 
@@ -346,6 +352,10 @@ def test_created_chroot_is_cloned_mounted_by_a_node_and_removed(
         "--port", str(port), "--export", "/chroot",
     )  # fmt: skip
     assert f"created in {trees / 'base'}" in out.stdout
+    # Progress as plain lines (stdout is no terminal): installing the essential packages lasts
+    # seconds, so its lines show, the last at 100 % of the packages apt announced.
+    installed = r"^qlimage: chroot base: 100 % \((\d+)/\1, installing packages\)$"
+    assert re.search(installed, out.stdout, re.MULTILINE) and "\r" not in out.stdout, out.stdout
     assert (trees / "base/usr/bin/hello").is_file()
     assert not list((trees / "base/var/cache/apt/archives").glob("*.deb"))  # cached, not served
     assert not [p for p in trees.iterdir() if p.name.startswith(".")]  # nothing left aside

@@ -10,10 +10,12 @@ every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -161,6 +163,7 @@ def test_askers_within_the_window_share_one_session(images: Path) -> None:
         answers.append(sched.answer(b"GET demo 0123456789abcdef\n", peer).split())
     assert {tuple(a[:4]) for a in answers} == {("OK", "232.9.0.0", "6001", "1")}
     assert [int(a[4]) for a in answers] == [2000, 1000, 100]  # until the window closes
+    assert {a[5] for a in answers} == {str(len(b"squashfs bytes"))}  # the image's size
     assert sched.due() == []
     clock.now = 102.0
     (s,) = sched.due()
@@ -188,6 +191,77 @@ def test_sessions_are_bounded_by_the_group_and_port_pool(images: Path) -> None:
         sched.answer(b"GET other 0123456789abcdef\n", "10.78.0.11")
         == "NO all 1 multicast sessions busy"
     )
+
+
+# udp-sender's stderr as captured (udpcast 20120424): a complete 30 MB session, and one whose
+# only receiver was killed after the first slices (--retries-until-drop 5).
+SENDER_COMPLETE = (
+    b"Udp-sender 20120424\nUDP sender for /tmp/g5/img.bin at 10.79.0.1 on g5capv \n"
+    b"Broadcasting control to 232.9.0.1\nNew connection from 10.79.0.11  (#0) 00000009\n"
+    b"Starting transfer: 00000009\n"
+    b"bytes=  5 963 776  re-xmits=0000000 (  0.0%) slice=1024 -   0\r"
+    b"bytes= 13 418 496  re-xmits=0000000 (  0.0%) slice=1024 -   0\r"
+    b"bytes= 20 873 216  re-xmits=0000000 (  0.0%) slice=1024 -   0\r"
+    b"bytes= 28 327 936  re-xmits=0000000 (  0.0%) slice=1024 -   0\r"
+    b"bytes= 30 000 000  re-xmits=0000000 (  0.0%) slice=1024 -   0\r\n"
+    b"Transfer complete.\x07\nDisconnecting #0 (10.79.0.11)\n\n"
+)
+SENDER_DROPPED = (
+    b"Udp-sender 20120424\nUDP sender for /tmp/g5/img.bin at 10.79.0.1 on g5capv \n"
+    b"Broadcasting control to 232.9.0.1\nNew connection from 10.79.0.11  (#0) 00000009\n"
+    b"Starting transfer: 00000009\n"
+    b"bytes=  1 490 944  re-xmits=0000000 (  0.0%) slice=1024 -   0\r\n"
+    b"Timeout notAnswered=[0] notReady=[0] nrAns=0 nrRead=0 nrPart=1 avg=10000\n"
+    b"Dropping client #0 because of timeout\nDisconnecting #0 (10.79.0.11)\n"
+    b"bytes=  1 490 944  re-xmits=0000000 (  0.0%) slice=1024 -   0\r\n"
+    b"Transfer complete.\x07\n\n"
+)
+
+
+def test_sender_statistics_are_read_as_they_come() -> None:
+    out = mcastd.SenderOutput()
+    cut = SENDER_COMPLETE.index(b"13 418") + 3  # a record cut in the middle waits for its end
+    out.feed(SENDER_COMPLETE[:cut])
+    assert (out.sent, out.receivers) == (5_963_776, 1)
+    out.feed(SENDER_COMPLETE[cut:])
+    assert (out.sent, out.receivers, out.read) == (30_000_000, 1, len(SENDER_COMPLETE))
+    dropped = mcastd.SenderOutput()
+    for i in range(0, len(SENDER_DROPPED), 7):
+        dropped.feed(SENDER_DROPPED[i : i + 7])
+    assert (dropped.sent, dropped.joined, dropped.receivers) == (1_490_944, 1, 0)
+
+
+def test_session_progress_is_logged_every_ten_percent_and_stops_short_on_failure(
+    images: Path,
+) -> None:
+    """The daemon's log lines for a session, fed udp-sender's captured output at 1 s a record."""
+
+    def logged(output: bytes, size: int) -> list[str]:
+        log, clock = io.StringIO(), Clock()
+        daemon = mcastd.Daemon(config(images), log=log, clock=clock)
+        s = daemon.scheduler.open(IMAGE, GEN, images / IMAGE / GEN / "demo.img", clock())
+        s.size, s.peers, s.started = size, {"10.78.0.11"}, clock()
+        with tempfile.TemporaryFile() as s.output:  # as the sender's stdout and stderr
+            for record in re.split(rb"(?<=[\r\n])", output):
+                clock.now += 1.0
+                s.output.write(record)
+                s.output.flush()
+                daemon.report(s)
+            daemon.finish(s, "ok")
+        return log.getvalue().splitlines()
+
+    lines = logged(SENDER_COMPLETE, 30_000_000)
+    label = f"ql-mcastd: sending session 1 ({IMAGE} {GEN}):"
+    assert lines[:-1] == [
+        f"{label}  70 % (20.9 MB of 30.0 MB, 1 of 1 receivers)",  # 2 s after the first bytes
+        f"{label}  94 % (28.3 MB of 30.0 MB, 1 of 1 receivers)",
+        f"{label} 100 % (30.0 MB of 30.0 MB, 1 of 1 receivers)",
+    ]
+    assert lines[-1].startswith("ql-mcastd: session 1 image demo ") and "bytes" in lines[-1]
+    # the receiver dropped: udp-sender still says complete, the log does not claim 100 %
+    lines = logged(SENDER_DROPPED, 30_000_000)
+    assert not [line for line in lines if "100 %" in line], lines
+    assert lines[-2] == f"{label}   5 % (1.5 MB of 30.0 MB, 0 of 1 receivers)"
 
 
 def test_rendered_config_loads_and_follows_the_site(tmp_path: Path) -> None:
@@ -510,6 +584,29 @@ def test_receiver_killed_mid_transfer_does_not_stall_the_others(
     assert session["receivers"] == "4" and session["status"] == "ok", session
 
 
+def test_session_progress_shows_in_the_heads_log_and_on_the_nodes(bed: Bed, tmp_path: Path) -> None:
+    """8 MiB at 16 Mbit/s: a transfer of about 4 s, long enough for lines on both sides."""
+    with run_daemon(bed, tmp_path, "16m") as daemon:
+        outs = [tmp_path / f"r{i}.img" for i in range(2)]
+        results = finish([client(ns, out) for ns, out in zip(bed.nodes, outs, strict=False)])
+        (session,) = wait_sessions(daemon, 1)
+    assert all(code == 0 for code, _ in results), results
+    assert session["status"] == "ok", session
+    size = int(session["bytes"])
+    log = daemon.log.read_text().splitlines()
+    sent = r"ql-mcastd: sending session 1 \(demo 0123456789abcdef\): +(\d+) % \(([\d.]+) MB of "
+    steps = [m for line in log if (m := re.fullmatch(sent + r"8\.4 MB, 2 of 2 receivers\)", line))]
+    assert len(steps) >= 2, log  # the first after 2 s, then every 10 % or 5 s, ...
+    assert [int(m[1]) for m in steps] == sorted(int(m[1]) for m in steps)
+    assert steps[-1][1] == "100"  # ... the last at 100 %, just before the session's line
+    assert log[-1].startswith("ql-mcastd: session 1 ") and re.fullmatch(sent + ".*", log[-2])
+    for _, out in results:  # each node: udp-receiver's count of the size the daemon announced
+        got = re.findall(r"qlustar: multicast: session 1: (\d+) % \([\d.]+ MB of 8\.4 MB\)", out)
+        assert len(got) >= 2 and got[-1] == "100", out
+        assert [int(p) for p in got] == sorted(int(p) for p in got), out
+    assert size == 8 * 2**20
+
+
 def test_client_fails_fast_without_a_daemon(bed: Bed, tmp_path: Path) -> None:
     out = tmp_path / "r.img"
     start = time.monotonic()
@@ -528,10 +625,14 @@ def seam_script(run_dir: Path) -> str:
     start = text.index("fetch_multicast() {")
     end = text.index('log "image $IMAGE sha256 ok ($got)"')
     body = text[start:end] + 'log "image $IMAGE sha256 ok ($got)"\n'
+    # The initrd's wget is busybox's (its -S headers give the download's length), not the host's.
+    tools = run_dir / "bin"
+    tools.mkdir()
+    (tools / "wget").symlink_to(BUSYBOX)
     prelude = (
         'log() { echo "qlustar: $*"; }\n'
         'fail() { log "ERROR: $*"; exit 1; }\n'
-        f'PATH={CLIENT.parent}:$PATH\n'
+        f'PATH={CLIENT.parent}:{tools}:$PATH\n'
     )  # fmt: skip
     return prelude + body.replace("/run/qlustar", str(run_dir))
 
@@ -584,6 +685,21 @@ def test_corrupted_multicast_image_falls_back_to_http(
     assert "qlustar: multicast: image sha256 mismatch, discarding it" in out, out
     assert "multicast failed, falling back to unicast" in out
     assert re.search(r"sha256 ok", out)
+    assert img.read_bytes() == http.read_bytes()
+
+
+def test_unicast_download_shows_progress(bed: Bed, http: Path, tmp_path: Path) -> None:
+    """The head's link held to 4 Mbit/s: the 2 MiB image takes about 4 s, shown every 10 % or
+    5 s of the length the server announced."""
+    sh("ip", "netns", "exec", bed.head, "tc", "qdisc", "add", "dev", "br0", "root", "tbf",
+       "rate", "4mbit", "burst", "16kb", "latency", "200ms")  # fmt: skip
+    try:
+        out, img = run_seam(bed, tmp_path, "off")
+    finally:
+        sh("ip", "netns", "exec", bed.head, "tc", "qdisc", "del", "dev", "br0", "root")
+    steps = re.findall(r"qlustar: image demo: (\d+) % \([\d.]+ MB of 2\.1 MB\)", out)
+    assert len(steps) >= 2 and steps[-1] == "100", out
+    assert [int(p) for p in steps] == sorted(int(p) for p in steps), out
     assert img.read_bytes() == http.read_bytes()
 
 

@@ -1,8 +1,10 @@
 """Progress of long work (`qlimage.progress`): a live line on a terminal, periodic plain lines
-in a log, nothing with --quiet; mksquashfs' own progress bar read through `run(on_stdout=)`."""
+in a log, nothing with --quiet; mksquashfs' own progress bar read through `run(on_stdout=)`;
+mmdebstrap's verbose lines read into a chroot's download and install lines."""
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from qlimage import progress
 from qlimage.image import squashfs
-from qlimage.progress import Progress, SquashfsBar
+from qlimage.progress import MmdebstrapLog, Progress, SquashfsBar
 from qlimage.run import run
 
 
@@ -115,3 +117,119 @@ def test_run_streams_stdout_and_keeps_stderr_for_the_error() -> None:
     )
     assert b"".join(chunks) == b"a\rb\r"
     assert proc.returncode == 3 and proc.stderr == b"oops\n"
+
+
+# --- mmdebstrap --verbose: a chroot's download and installs -----------------------------------
+
+# Lines of a real `qlimage chroot create base --task tools` (mmdebstrap 1.3.5, bookworm, part of
+# the .debs already in the cache), cut down: the index download, the first apt call's counts and
+# its first fetches, the essential install's first and last dpkg lines, the `hello` install.
+DEBIAN = "http://deb.debian.org/debian"
+MMDEBSTRAP_VERBOSE = f"""\
+I: running apt-get update...
+Get:1 {DEBIAN} bookworm InRelease [151 kB]
+Get:2 {DEBIAN} bookworm/main amd64 Packages [8790 kB]
+Fetched 8941 kB in 1s (9132 kB/s)
+I: downloading packages with apt...
+0 upgraded, 4 newly installed, 0 to remove and 0 not upgraded.
+Need to get 1376 kB/29.7 MB of archives.
+After this operation, 139 MB of additional disk space will be used.
+Get:1 {DEBIAN} bookworm/main amd64 liblzma5 amd64 5.4.1-1+deb12u1 [206 kB]
+Get:2 {DEBIAN} bookworm/main amd64 libzstd1 amd64 1.5.4+dfsg2-5 [290 kB]
+Get:3 {DEBIAN} bookworm/main amd64 libpcre2-8-0 amd64 10.42-1 [261 kB]
+Get:4 {DEBIAN} bookworm/main amd64 libpam0g amd64 1.5.2-6+deb12u2 [92.1 kB]
+Get:5 {DEBIAN} bookworm/main amd64 libpam-modules-bin amd64 1.5.2-6+deb12u2 [75.7 kB]
+Get:6 {DEBIAN} bookworm/main amd64 libpam-modules amd64 1.5.2-6+deb12u2 [291 kB]
+Get:7 {DEBIAN} bookworm/main amd64 libpam-runtime all 1.5.2-6+deb12u2 [161 kB]
+/usr/bin/dpkg --status-fd 8 --configure --pending
+Fetched 1376 kB in 0s (166 MB/s)
+I: extracting archives...
+I: installing essential packages...
+Selecting previously unselected package gcc-12-base:amd64.
+(Reading database ... 0 files and directories currently installed.)
+Preparing to unpack .../gcc-12-base_12.2.0-14+deb12u1_amd64.deb ...
+Unpacking gcc-12-base:amd64 (12.2.0-14+deb12u1) ...
+Selecting previously unselected package libc6:amd64.
+Preparing to unpack .../libc6_2.36-9+deb12u14_amd64.deb ...
+Unpacking libc6:amd64 (2.36-9+deb12u14) ...
+Unpacking mawk (1.3.4.20200120-3.1) ...
+Unpacking base-files (12.4+deb12u15) ...
+Setting up usrmerge (37~deb12u1) ...
+The system has been successfully converted.
+Setting up init-system-helpers (1.65.2+deb12u1) ...
+Setting up libc-bin (2.36-9+deb12u14) ...
+Setting up sysvinit-utils (3.06-4) ...
+I: skipping essential/unlink as requested
+I: installing remaining packages inside the chroot...
+0 upgraded, 1 newly installed, 0 to remove and 0 not upgraded.
+Need to get 0 B/53.1 kB of archives.
+After this operation, 284 kB of additional disk space will be used.
+Selecting previously unselected package hello.
+(Reading database ... 5786 files and directories currently installed.)
+Preparing to unpack .../hello_2.10-3_amd64.deb ...
+Unpacking hello (2.10-3) ...
+Setting up hello (2.10-3) ...
+I: cleaning package lists and apt cache...
+I: success in 15.7997 seconds
+"""
+
+
+def feed_mmdebstrap(log: MmdebstrapLog, clock: Clock, text: str) -> None:
+    """One line a second, in uneven chunks as a pipe delivers them."""
+    for line in text.splitlines(keepends=True):
+        clock.now += 1.0
+        data = line.encode()
+        log.feed(data[:7])
+        log.feed(data[7:])
+
+
+def test_mmdebstrap_lines_become_download_and_install_lines() -> None:
+    out, clock = io.StringIO(), Clock()
+    log = MmdebstrapLog("chroot base", make=functools.partial(Progress, stream=out, clock=clock))
+    feed_mmdebstrap(log, clock, MMDEBSTRAP_VERBOSE)
+    log.close(ok=True)
+    assert out.getvalue().splitlines() == [
+        # of the bytes apt needs to get (the index fetches before do not count), from 2 s on
+        "qlimage: chroot base:  15 % (206.0 kB of 1.4 MB, 1 package fetched)",
+        "qlimage: chroot base:  36 % (496.0 kB of 1.4 MB, 2 packages fetched)",
+        "qlimage: chroot base:  55 % (757.0 kB of 1.4 MB, 3 packages fetched)",
+        "qlimage: chroot base:  67 % (924.8 kB of 1.4 MB, 5 packages fetched)",
+        "qlimage: chroot base:  88 % (1.2 MB of 1.4 MB, 6 packages fetched)",
+        "qlimage: chroot base: 100 % (1.4 MB of 1.4 MB, 7 packages fetched)",
+        # the 4 packages apt announced, each unpacked and set up: 8 steps
+        "qlimage: chroot base:  25 % (1/4, installing packages)",
+        "qlimage: chroot base:  38 % (2/4, installing packages)",
+        "qlimage: chroot base:  50 % (2/4, installing packages)",
+        "qlimage: chroot base:  62 % (2/4, installing packages)",
+        "qlimage: chroot base:  75 % (3/4, installing packages)",
+        "qlimage: chroot base:  88 % (4/4, installing packages)",
+        "qlimage: chroot base: 100 % (4/4, installing packages)",
+        # hello: nothing to fetch (cached), its install lasted a second: short work is silent
+    ]
+    assert log.tail[-1] == "I: success in 15.7997 seconds"
+
+
+def test_mmdebstrap_failure_ends_the_live_line_short() -> None:
+    out, clock = Terminal(), Clock()
+    log = MmdebstrapLog("chroot doomed", make=functools.partial(Progress, stream=out, clock=clock))
+    cut = MMDEBSTRAP_VERBOSE.index(f"Get:3 {DEBIAN} bookworm/main")
+    feed_mmdebstrap(log, clock, MMDEBSTRAP_VERBOSE[:cut] + "E: apt-get download failed")
+    log.close(ok=False)
+    text = out.getvalue()
+    assert text.endswith(
+        "\r\033[Kqlimage: chroot doomed:  36 % (496.0 kB of 1.4 MB, 2 packages fetched)\n"
+    )
+    assert "100 %" not in text
+    assert list(log.tail)[-2:] == [
+        f"Get:2 {DEBIAN} bookworm/main amd64 libzstd1 amd64 1.5.4+dfsg2-5 [290 kB]",
+        "E: apt-get download failed",
+    ]
+
+
+def test_quiet_mmdebstrap_shows_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress, "_silenced", True)
+    out, clock = Terminal(), Clock()
+    log = MmdebstrapLog("chroot base", make=functools.partial(Progress, stream=out, clock=clock))
+    feed_mmdebstrap(log, clock, MMDEBSTRAP_VERBOSE)
+    log.close(ok=True)
+    assert out.getvalue() == "" and log.tail[-1] == "I: success in 15.7997 seconds"

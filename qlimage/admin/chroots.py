@@ -8,10 +8,12 @@ a definition written by hand may name any other `path`, and such a tree is never
 `create` builds the tree with mmdebstrap from the site's Debian archive (its [archive] sources,
 else the head's apt sources), with the .debs kept in the download cache (`<cache>/chroots/`)
 through mmdebstrap's sync-in/sync-out hooks, so a second chroot of the same flavor downloads
-nothing but the indexes. `clone` copies a tree with `cp -a` (owners, modes, links, xattrs,
-reflinks where the file system has them). Trees are made beside their place and renamed in, and
-the definition is written last: a failed create or clone leaves nothing behind. Every change
-happens under the build lock and ends with the rebuild that writes the NFS exports.
+nothing but the indexes; its output becomes progress lines (the download's bytes and packages,
+the installs' packages: qlimage.progress.MmdebstrapLog). `clone` copies a tree with `cp -a`
+(owners, modes, links, xattrs, reflinks where the file system has them). Trees are made beside
+their place and renamed in, and the definition is written last: a failed create or clone leaves
+nothing behind. Every change happens under the build lock and ends with the rebuild that writes
+the NFS exports.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import re
 import shlex
 import stat
+import sys
 import tempfile
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +36,8 @@ from qlimage.atomic import TMP_PREFIX, write_text
 from qlimage.errors import BuildError, ConfigError, QlimageError
 from qlimage.image.publish import build_lock
 from qlimage.pool.mirror import site_sources
-from qlimage.run import run
+from qlimage.progress import MmdebstrapLog
+from qlimage.run import STDOUT, run
 from qlimage.site import Site
 from qlimage.site.load import CHROOT_NAME, validate
 from qlimage.site.model import Chroot
@@ -255,6 +259,7 @@ def mmdebstrap_command(
     c = shlex.quote(str(cache))
     return [
         "mmdebstrap",
+        "--verbose",  # apt's and dpkg's lines, which carry the counts progress is made of
         f"--variant={VARIANT}",
         f"--architectures={site.archive.arch}",
         *([f"--include={','.join(packages)}"] if packages else []),
@@ -268,6 +273,21 @@ def mmdebstrap_command(
         str(tree),
         *debian_mirrors(site, flavor),
     ]
+
+
+def bootstrap_tree(name: str, command: list[str]) -> None:
+    """Run mmdebstrap, its output read into progress lines (qlimage.progress.MmdebstrapLog)
+    instead of shown: hundreds of apt and dpkg lines per chroot would bury the progress. A
+    failure shows its last lines on stderr, then the one-line error."""
+    log = MmdebstrapLog(f"chroot {name}")
+    proc = run(command, stderr=STDOUT, on_stdout=log.feed, check=False)
+    log.close(ok=proc.returncode == 0)
+    if proc.returncode != 0:
+        print("\n".join(log.tail), file=sys.stderr, flush=True)
+        raise BuildError(
+            f"chroot {name}: mmdebstrap failed with status {proc.returncode} (its last messages"
+            " are above); nothing was created"
+        )
 
 
 def task_packages(site: Site, tasks: Sequence[str]) -> list[str]:
@@ -308,16 +328,7 @@ def create(
         debian_mirrors(site, flavor)  # no source for the flavor: refused before any work
 
         def bootstrap(tree: Path) -> None:
-            # mmdebstrap's own progress goes to the admin's terminal: stderr is not captured,
-            # so its messages are there and the error only says where to look.
-            proc = run(
-                mmdebstrap_command(site, flavor, packages, tree, cache), stderr=None, check=False
-            )
-            if proc.returncode != 0:
-                raise BuildError(
-                    f"chroot {name}: mmdebstrap failed with status {proc.returncode} (its messages"
-                    " are above); nothing was created"
-                )
+            bootstrap_tree(name, mmdebstrap_command(site, flavor, packages, tree, cache))
 
         status = install(site, name, place, bootstrap, data, wait=wait, build=build)
     return Outcome(name, place, status)

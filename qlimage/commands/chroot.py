@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for p in (create, clone, edit, remove):
         p.add_argument("--no-build", action="store_true", help="rebuild nothing")
         p.add_argument("--no-wait", action="store_true", help="fail if a build is running")
+        p.add_argument(
+            "--quiet", action="store_true", help="no progress lines (mmdebstrap, the rebuild)"
+        )
 
     listing = actions.add_parser("list", help="each chroot, where it is served from, its users")
     listing.set_defaults(func=cmd_list)
@@ -71,6 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_create(site: Site, args: argparse.Namespace) -> int:
     from qlimage.admin.chroots import create
 
+    quiet(args)
     outcome = create(
         site,
         args.name,
@@ -91,6 +95,7 @@ def cmd_create(site: Site, args: argparse.Namespace) -> int:
 def cmd_clone(site: Site, args: argparse.Namespace) -> int:
     from qlimage.admin.chroots import clone
 
+    quiet(args)
     outcome = clone(
         site,
         args.source,
@@ -106,6 +111,7 @@ def cmd_clone(site: Site, args: argparse.Namespace) -> int:
 def cmd_edit(site: Site, args: argparse.Namespace) -> int:
     from qlimage.admin.chroots import edit
 
+    quiet(args)
     outcome = edit(
         site,
         args.name,
@@ -120,6 +126,7 @@ def cmd_edit(site: Site, args: argparse.Namespace) -> int:
 def cmd_remove(site: Site, args: argparse.Namespace) -> int:
     from qlimage.admin.chroots import check_unused, known, managed_tree, remove
 
+    quiet(args)
     chroot = known(site, args.name)
     check_unused(site, args.name)  # before asking: a used chroot is never offered for removal
     tree = managed_tree(site, chroot)
@@ -135,6 +142,13 @@ def cmd_remove(site: Site, args: argparse.Namespace) -> int:
     kept = "" if tree else f" (its tree {chroot.path} is not under [paths] chroot_trees: kept)"
     print(f"chroot {args.name}: removed{kept}")
     return finish(site.paths.root, outcome.rebuilt, changed=outcome.changed)
+
+
+def quiet(args: argparse.Namespace) -> None:
+    if args.quiet:
+        from qlimage import progress
+
+        progress.silence()
 
 
 def cmd_list(site: Site, args: argparse.Namespace) -> int:

@@ -3,8 +3,10 @@
 A node asks over a line protocol on TCP (busybox-static's `nc` in the initrd speaks TCP only;
 the handshake also means the asking address is not forged):
 
-    GET <image> <generation>\\n  ->  OK <group> <port> <session> <start-delay-ms>\\n
+    GET <image> <generation>\\n  ->  OK <group> <port> <session> <start-delay-ms> <bytes>\\n
                                   ->  NO <reason>\\n
+
+(<bytes>: the image's size, which the client shows its progress against.)
 
 Every node asking for the same (image, generation) within the join window gets the same session;
 when the window closes the daemon starts one `udp-sender` for it (udpcast does the reliable
@@ -16,8 +18,9 @@ networks nginx also serves. Every session is bounded: a sender nobody joins ends
 timeout, a running one is killed at a deadline derived from the image size and the rate limit.
 
 The daemon reads its settings from the JSON file the build writes (head/mcastd.json) and logs
-one line per session to stderr: image, generation, group, port, receivers, bytes, seconds,
-retransmissions, status.
+to stderr: while a session sends, a progress line every 10 % or 5 s (bytes sent of the image's,
+receivers connected of those that asked, from udp-sender's own statistics), then one line per
+session: image, generation, group, port, receivers, bytes, seconds, retransmissions, status.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import contextlib
 import ipaddress
 import json
 import math
+import os
 import re
 import selectors
 import socket
@@ -42,6 +46,7 @@ from typing import IO, Any
 from qlimage import contract, run
 from qlimage.errors import QlimageError
 from qlimage.layout import Layout
+from qlimage.progress import Progress
 from qlimage.site import Site
 
 CONFIG = "mcastd.json"  # below bootfiles/head/
@@ -70,6 +75,12 @@ IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # the site schema's name
 GENERATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # never hidden, never a path
 RATE = re.compile(r"([1-9][0-9]{0,5})([kmg]?)")
 RETRANSMITS = re.compile(rb"re-xmits=\s*([0-9]+)")
+# udp-sender's statistics record, every --stat-period (default 0.5 s), ended by \r:
+# `bytes= 13 418 496  re-xmits=0000000 (  0.0%) slice=1024 -   0`; and its receiver events.
+SENT = re.compile(rb"bytes=\s*([0-9][0-9 ]*)\s+re-xmits=")
+JOINED = b"New connection from "
+DROPPED = b"Dropping client #"
+READ_CHUNK = 65536
 
 
 class Refused(Exception):
@@ -261,6 +272,33 @@ def published_image(config: Config, image: str, generation: str) -> Path:
 # --- sessions ---------------------------------------------------------------------------------
 
 
+class SenderOutput:
+    """What udp-sender has said so far, read as it comes: bytes sent, receivers joined and
+    dropped. Records end in \\r (the statistics) or \\n (events); a cut one waits for its end."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.read = 0  # bytes of output consumed
+        self.sent = 0
+        self.joined = 0
+        self.dropped = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.read += len(chunk)
+        *records, self.pending = (self.pending + chunk).replace(b"\r", b"\n").split(b"\n")
+        for record in records:
+            if sent := SENT.search(record):
+                self.sent = int(sent[1].replace(b" ", b""))
+            elif record.startswith(JOINED):
+                self.joined += 1
+            elif record.startswith(DROPPED):
+                self.dropped += 1
+
+    @property
+    def receivers(self) -> int:
+        return self.joined - self.dropped
+
+
 @dataclass
 class Session:
     id: int
@@ -277,6 +315,9 @@ class Session:
     stack: ExitStack = field(default_factory=ExitStack)
     proc: Any = None  # subprocess.Popen[bytes] once started
     output: IO[bytes] | None = None
+    size: int = 0  # bytes of the image (a published one never changes)
+    stats: SenderOutput = field(default_factory=SenderOutput)
+    shown: Progress | None = None  # the progress lines, from the first bytes sent
 
 
 class Scheduler:
@@ -300,7 +341,7 @@ class Scheduler:
         except Refused as e:
             return f"NO {e}"
         delay = max(0, math.ceil((s.closes - self.clock()) * 1000))
-        return f"OK {s.group} {s.port} {s.id} {delay}"
+        return f"OK {s.group} {s.port} {s.id} {delay} {s.size}"
 
     def join(self, image: str, generation: str, peer: str) -> Session:
         path = published_image(self.config, image, generation)
@@ -326,6 +367,10 @@ class Scheduler:
         else:
             raise Refused(f"all {slots} multicast sessions busy")
         self.next_slot = (slot + 1) % slots
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise Refused(f"no published generation {generation} of image {image}") from None
         s = Session(
             self.next_id,
             image,
@@ -335,6 +380,7 @@ class Scheduler:
             self.config.group(slot),
             self.config.portbase(slot),
             now + self.config.window,
+            size=size,
         )
         self.next_id += 1
         self.sessions[s.id] = s
@@ -406,16 +452,22 @@ def log_line(s: Session, status: str, size: int, seconds: float, retransmits: st
 
 
 class Daemon:
-    def __init__(self, config: Config, log: IO[str] = sys.stderr) -> None:
+    def __init__(
+        self,
+        config: Config,
+        log: IO[str] = sys.stderr,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
-        self.scheduler = Scheduler(config)
+        self.clock = clock
+        self.scheduler = Scheduler(config, clock)
         self.log = log
 
     def start(self, s: Session) -> None:
-        now = time.monotonic()
+        now = self.clock()
         s.started = now
         try:
-            size = s.path.stat().st_size
+            size = s.size = s.path.stat().st_size
             s.output = s.stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 (closed by the stack)
             s.proc = s.stack.enter_context(
                 run.spawn(sender_args(self.config, s), stdout=s.output, stderr=run.STDOUT)
@@ -432,10 +484,36 @@ class Daemon:
             if s.proc.poll() is not None:
                 code = s.proc.returncode
                 self.finish(s, "ok" if code == 0 else f"udp-sender status {code}")
-            elif s.deadline is not None and time.monotonic() > s.deadline:
+            elif s.deadline is not None and self.clock() > s.deadline:
                 self.finish(s, "killed at its deadline")
 
+    def report(self, s: Session) -> None:
+        """Read what the sender said since the last look; once it sends, a progress line every
+        10 % or 5 s (qlimage.progress' plain lines: the log is no terminal, and is shared)."""
+        if s.output is None:
+            return
+        # pread: the sender writes through the same open file, whose offset must stay its own.
+        while chunk := os.pread(s.output.fileno(), READ_CHUNK, s.stats.read):
+            s.stats.feed(chunk)
+        if s.stats.sent and s.shown is None:
+            s.shown = Progress(
+                f"sending session {s.id} ({s.image} {s.generation})",
+                s.size,
+                as_bytes=True,
+                stream=self.log,
+                clock=self.clock,
+                prefix="ql-mcastd",
+                live=False,
+            )
+        if s.shown is not None:
+            s.shown.update(s.stats.sent, f"{s.stats.receivers} of {len(s.peers)} receivers")
+
     def finish(self, s: Session, status: str) -> None:
+        self.report(s)
+        # The 100 % line, unless the last one said it. udp-sender ends "ok" when it dropped its
+        # last receiver too: a transfer that stopped short keeps the lines it had.
+        if s.shown is not None and s.stats.sent >= s.size:
+            s.shown.finish()
         retransmits = "?"
         if s.output is not None:
             s.output.seek(0)
@@ -445,7 +523,7 @@ class Daemon:
             size = s.path.stat().st_size
         except OSError:
             size = 0
-        seconds = time.monotonic() - (s.started or time.monotonic())
+        seconds = self.clock() - (s.started or self.clock())
         s.stack.close()  # stops the sender if it still runs, and reaps it
         self.scheduler.end(s)
         print(log_line(s, status, size, seconds, retransmits), file=self.log, flush=True)
@@ -454,6 +532,8 @@ class Daemon:
         for s in self.scheduler.due():
             self.start(s)
         self.reap()
+        for s in self.scheduler.sessions.values():
+            self.report(s)
 
     def stop_all(self) -> None:
         for s in list(self.scheduler.sessions.values()):
