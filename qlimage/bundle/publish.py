@@ -98,12 +98,14 @@ class NodeBundles:
         self._due: list[tuple[Host, str]] | None = None
         self.moved: list[str] = []
         self.table: Served = {}
+        # Each host's node directory name, in the hosts' order: asked for three times a build.
+        self.names = [node_name(h) for h in site.hosts]
 
     def outputs(self) -> list[str]:
         """A file of every node's served directory, for the build stamp's view of the outputs
         (a node directory's key changes with its link or its generation)."""
         nodes = str(self.layout.nodes())
-        return [f"{nodes}/{node_name(h)}/{contract.BUNDLE_FILE}" for h in self.site.hosts]
+        return [f"{nodes}/{name}/{contract.BUNDLE_FILE}" for name in self.names]
 
     def read_table(self) -> Served:
         try:
@@ -126,8 +128,7 @@ class NodeBundles:
             # Outputs as the stamped build left them: each node is served as its entry says.
             trusted = stamp.outputs_trusted()
             self._due = []
-            for host in self.site.hosts:
-                name = node_name(host)
+            for host, name in zip(self.site.hosts, self.names, strict=True):
                 key = inputs.key(host)
                 entry = self.table.get(name)
                 served = (
@@ -165,7 +166,7 @@ class NodeBundles:
         for name in self.moved:
             self.table[name][2] = list(dir_key(self.layout.nodes() / name))
         if due or self.moved:
-            wanted = {node_name(h) for h in self.site.hosts}
+            wanted = set(self.names)
             table = {n: e for n, e in sorted(self.table.items()) if n in wanted}
             doc = {"format": TABLE_FORMAT, "nodes": table}
             write_text(self.layout.bundle_table, json.dumps(doc, separators=(",", ":")))
