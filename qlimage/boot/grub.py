@@ -173,15 +173,11 @@ def configs(site: Site) -> perhost.Files:
     default = site.bootconfigs.get(site.default_bootconfig or "")
     out = perhost.Files()
     out.put(CONFIG, render_config(site, default, CONFIG))
-    for host in site.hosts:
-        if host.bootconfig not in out.shapes:
-            out.shapes[host.bootconfig] = host_shape(site, site.bootconfigs[host.bootconfig])
-        mac = perhost.plain_mac(host)
-        if mac is not None and out.shapes[host.bootconfig] is not None:
-            out.put_shaped(mac_config_name(mac), host.bootconfig, mac)
-        else:
-            name = host_config_name(host)
-            out.put(name, render_config(site, site.bootconfigs[host.bootconfig], name, host))
+    shaped_name = (mac_config_name(""), "")
+    rest = out.put_hosts(site.hosts, lambda b: host_shape(site, site.bootconfigs[b]), shaped_name)
+    for host in rest:
+        name = host_config_name(host)
+        out.put(name, render_config(site, site.bootconfigs[host.bootconfig], name, host))
     return out
 
 

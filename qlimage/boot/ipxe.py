@@ -71,13 +71,9 @@ def scripts(site: Site) -> perhost.Files:
     filled in, or, where that is not sure to be the same (a refused boot config among
     them), its own full render."""
     out = perhost.Files()
-    for h in site.hosts:
-        if h.bootconfig not in out.shapes:
-            out.shapes[h.bootconfig] = host_shape(site, site.bootconfigs[h.bootconfig])
-        mac = perhost.plain_mac(h)
-        if mac is not None and out.shapes[h.bootconfig] is not None:
-            out.put_shaped(mac_script_name(mac), h.bootconfig, mac)
-            continue
+    shaped_name = ("", mac_script_name(""))
+    rest = out.put_hosts(site.hosts, lambda b: host_shape(site, site.bootconfigs[b]), shaped_name)
+    for h in rest:
         try:
             out.put(host_script_name(h), render_host(site, site.bootconfigs[h.bootconfig], h))
         except templates.UnsafeValue as e:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from qlimage import atomic
@@ -53,19 +53,8 @@ def shape(render: Callable[[str], str]) -> Shape | None:
     return tuple(text.split(SLOT))
 
 
-def plain_mac(host: Host) -> str | None:
-    """The host's MAC with dashes, when it has the plain form whose characters no quoting
-    touches (what the model promises); else None, and the host gets the full render."""
-    return host.mac.replace(":", "-") if MAC.fullmatch(host.mac) else None
-
-
-def fill(parts: Shape, mac: str) -> str:
-    """The file of the host whose `plain_mac` is `mac`, from its boot config's `shape`."""
-    return mac.join(parts)
-
-
 class Files(dict[str, str]):
-    """{file name: content} of per-host files, filled by `put` and `put_shaped` only, with a
+    """{file name: content} of per-host files, filled by `put` and `put_hosts` only, with a
     `digest` that changes whenever a name or a byte does: a hash of each boot config's shape
     and each host's MAC, not of the megabytes of text (what a task's up-to-date check needs
     at 10,000 hosts). The digest may change when the files do not (a host's file made another
@@ -75,12 +64,12 @@ class Files(dict[str, str]):
         super().__init__()
         # Each boot config's `shape` (None: its hosts get the full render), by its name.
         self.shapes: dict[str, Shape | None] = {}
-        # file name: boot config, and file name: MAC, of the files put_shaped made. Strings
+        # file name: boot config, and file name: MAC, of the files put_hosts made. Strings
         # only: a tuple per host would be 10,000 more objects for the garbage collector to
         # walk, which doubled the time of a call.
         self.shaped: dict[str, str] = {}
         self.macs: dict[str, str] = {}
-        self.whole: set[str] = set()  # names put as text; a later put_shaped overrides
+        self.whole: set[str] = set()  # names put as text; a later put_hosts overrides
 
     def put(self, name: str, text: str) -> None:
         self.shaped.pop(name, None)
@@ -88,13 +77,34 @@ class Files(dict[str, str]):
         self.whole.add(name)
         self[name] = text
 
-    def put_shaped(self, name: str, key: str, mac: str) -> None:
-        """The file `fill(self.shapes[key], mac)`."""
-        parts = self.shapes[key]
-        assert parts is not None
-        self.shaped[name] = key
-        self.macs[name] = mac
-        self[name] = fill(parts, mac)
+    def put_hosts(
+        self,
+        hosts: Iterable[Host],
+        shape_of: Callable[[str], Shape | None],
+        name: tuple[str, str],
+    ) -> list[Host]:
+        """Put the file `name[0] + <MAC with dashes> + name[1]` of every host whose MAC has
+        the plain form the model promises (else its characters might need quoting) and whose
+        boot config has a shape (`shape_of(boot config)`, asked once per boot
+        config); returns the other hosts, for their full render. One loop without calls per
+        host: it runs for 10,000 hosts in every build."""
+        shapes, shaped, macs = self.shapes, self.shaped, self.macs
+        prefix, suffix = name
+        rest = []
+        for host in hosts:
+            key = host.bootconfig
+            if key not in shapes:
+                shapes[key] = shape_of(key)
+            parts = shapes[key]
+            if parts is None or MAC.fullmatch(host.mac) is None:
+                rest.append(host)
+                continue
+            mac = host.mac.replace(":", "-")
+            file = prefix + mac + suffix
+            shaped[file] = key
+            macs[file] = mac
+            self[file] = mac.join(parts)
+        return rest
 
     @property
     def digest(self) -> str:
