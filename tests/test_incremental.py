@@ -309,3 +309,22 @@ def test_state_of_the_per_node_tasks_of_older_versions_is_dropped(tmp_path: Path
     before = state.stat()
     repair_state(state)  # nothing left to drop: not written again
     assert state.stat().st_ino == before.st_ino
+
+
+def test_inventory_layout_edits_publish_at_most_the_node_whose_table_changed(site: Path) -> None:
+    """Bundle keys name the bytes of a node's own [[hosts]] table (site/load.py origins): blank
+    lines between nodes and a comment above them publish nothing; a comment inside a node's
+    table publishes that node again, with the same bundle."""
+    assert build(site) == set()
+    nodes = site / "nodes.d/cluster.toml"
+    text = nodes.read_text()
+    nodes.write_text("# the cluster\n" + text.replace("\n[[hosts]]", "\n\n\n[[hosts]]"))
+    assert build(site) == set()
+    served = site / "bootfiles/qlustar/nodes/52-54-00-12-34-57/bundle.json"
+    before = served.read_bytes()
+    nodes.write_text(nodes.read_text().replace('name = "beo-02"', 'name = "beo-02"  # spare'))
+    assert build(site) == {"bundle:beo-02"}
+    assert served.read_bytes() == before
+    nodes.write_text(text)
+    assert build(site) == {"bundle:beo-02"}
+    assert build(site) == set()

@@ -179,6 +179,56 @@ def test_only_new_chunks_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parsed_pieces[2] == HOST.format(n="new", i=99).encode()
 
 
+def test_empty_lines_that_end_a_chunk_are_not_part_of_its_digest() -> None:
+    """A host appended after a blank line, or blank lines between hosts, leave the host
+    before known (its origin, hence its bundle key, unchanged); a stray carriage return at
+    the end is no line end: parsed, and refused as tomllib refuses it."""
+    first = inventory.parse(PLAIN.encode(), {})
+    assert first is not None
+    known = dict(zip(first.digests, first.hosts, strict=True))
+    for spaced in (
+        PLAIN.replace("\n[[hosts]]", "\n\n\n[[hosts]]"),
+        PLAIN.replace("\n[[hosts]]", "\n\r\n\n[[hosts]]") + "\n\n",
+        PLAIN + "\n" + HOST.format(n="n9", i=9),
+    ):
+        again = inventory.parse(spaced.encode(), known)
+        assert again is not None and again.data == whole(spaced.encode())
+        assert again.digests[:5] == first.digests and again.new == [5] * (len(again.hosts) > 5)
+    stray = (PLAIN + "\r").encode()
+    assert inventory.parse(stray, known) is None
+    assert str(whole(stray)).startswith("TOMLDecodeError")
+
+
+def test_tables_known_from_another_file_never_differ_from_tomllib() -> None:
+    """Chunks known by digest from a file that differs in its line ends (blank lines, CRLF,
+    stray carriage returns): the cut still gives what tomllib gives, or is refused."""
+    rng = random.Random(17)
+    body = ['name = "a"', "x = 1", "y.z = true", "t = { a = 1 }", "# c", "", "[hosts.o]", "q = 2"]
+    # Mostly line ends that keep the text valid; now and then one that does not.
+    ends = ["\n", "\n\n", "\r\n", "\r\n\r\n", "\n\r\n", "  \n", "\r", "", "\n\r"]
+    weights = [40, 10, 10, 5, 5, 5, 1, 1, 1]
+
+    def spelled(lines: list[str]) -> str:
+        return "".join(line + rng.choices(ends, weights)[0] for line in lines)
+
+    outcomes = {"reused": 0, "refused": 0}
+    for _ in range(2000):
+        lines = []
+        for _ in range(rng.randint(1, 4)):
+            lines += ["[[hosts]]", *rng.sample(body, rng.randint(1, 4))]
+        first = inventory.parse(spelled(lines).encode(), {})
+        if first is None:
+            continue
+        text = spelled(lines).encode()
+        again = inventory.parse(text, dict(zip(first.digests, first.hosts, strict=True)))
+        if again is None:
+            outcomes["refused"] += 1
+        else:
+            assert again.data == whole(text), text
+            outcomes["reused"] += len(again.hosts) - len(again.new)
+    assert min(outcomes.values()) > 100, outcomes
+
+
 # --- load_site with the validation cache --------------------------------------------------
 
 
@@ -359,6 +409,26 @@ def test_a_damaged_cache_means_full_work_never_a_wrong_site(
     cache = cache_file(root)
     cache.write_text(damage(cache.read_text()))
     assert load_site(root) == expected
+
+
+def test_a_cache_of_another_digest_rule_is_parsed_again(
+    site_factory: SiteFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk digests name the hosts' origins: a file remembered under another rule (an older
+    qlimage's) is not served with its digests, which the next edit would change all at once."""
+    root = big_site(site_factory, hosts=20)
+    expected = load_site(root)
+    cache = json.loads(cache_file(root).read_text())
+    entry = cache[str(root / "nodes.d/cluster.toml")]
+    assert entry[1].startswith(inventory.DIGEST_RULE)
+    entry[1] = entry[1][len(inventory.DIGEST_RULE) :]
+    entry[3] = [["0" * 32, table] for _, table in entry[3]]  # no digest this rule makes
+    cache_file(root).write_text(json.dumps(cache))
+    count = Counter(monkeypatch)
+    again = load_site(root)
+    assert len(count.pieces) == 1 + 22  # the prefix and every host
+    assert again == expected
+    assert [again.origin(h) for h in again.hosts] == [expected.origin(h) for h in expected.hosts]
 
 
 def test_a_cache_of_the_whole_way_serves_until_the_first_edit(

@@ -17,7 +17,8 @@ Anything else (a chunk that fails alone, a second table header such as `[options
 the hosts, a `hosts` key in the prefix, bytes that are not UTF-8) makes `parse` answer None and
 the caller parse the file whole, so a broken file is reported with tomllib's own message about
 the whole file, line numbers included. Parsed chunks are remembered by the digest of their
-bytes, so only chunks whose bytes are new are parsed.
+bytes (without the empty lines that end them, see `digest`), so only chunks whose bytes are
+new are parsed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ HOST_HEADER = re.compile(rb"\[\[hosts\]\][ \t]*(?:#[^\r\n]*)?(?=\r?\n|\Z)")
 
 class Inventory(NamedTuple):
     prefix: dict[str, Any]  # the tables before the first host (option sets, groups)
-    prefix_digest: str
+    prefix_digest: str  # DIGEST_RULE, then the prefix's digest
     hosts: list[dict[str, Any]]
     digests: list[str]  # of each host's chunk, in file order
     new: list[int]  # indexes of hosts whose chunk was not known: the ones to validate
@@ -57,8 +58,27 @@ def split(blob: bytes) -> tuple[bytes, list[bytes]]:
     return blob[: starts[0]], [blob[a:b] for a, b in zip(starts, ends, strict=True)]
 
 
+# Names the rule `digest` follows; the prefix digest of every remembered file carries it. A
+# file remembered under another rule is parsed again: its chunk digests, which name the hosts'
+# origins (site/load.py), would change at the next edit of the file and change every origin.
+DIGEST_RULE = "r2:"
+
+
 def digest(chunk: bytes) -> str:
-    return hashlib.sha256(chunk).hexdigest()[:32]
+    """The chunk's digest, without the empty lines that end it: they separate it from the next
+    host and change nothing it parses to, so a host appended after a blank line, or a blank
+    line added between two hosts, leaves the host before as it was (its origin, site/load.py,
+    names this digest). Only whole empty lines go: a chunk parses alone exactly when it does
+    without them, and a stray carriage return is not a line end, so it stays and is seen."""
+    end = len(chunk)
+    while True:
+        if chunk.endswith(b"\n\n", 0, end):
+            end -= 1
+        elif chunk.endswith(b"\n\r\n", 0, end):
+            end -= 2
+        else:
+            break
+    return hashlib.sha256(memoryview(chunk)[:end]).hexdigest()[:32]
 
 
 def assemble(prefix: Mapping[str, Any], hosts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -82,7 +102,8 @@ def parse(blob: bytes, known: Mapping[str, Any]) -> Inventory | None:
         hosts[i] = parse_host(chunks[i])
         if hosts[i] is None:
             return None
-    return Inventory(prefix, digest(head), hosts, digests, new)  # type: ignore[arg-type]
+    prefix_digest = DIGEST_RULE + digest(head)
+    return Inventory(prefix, prefix_digest, hosts, digests, new)  # type: ignore[arg-type]
 
 
 def parse_piece(piece: bytes) -> dict[str, Any] | None:
@@ -126,6 +147,8 @@ def remembered(entry: Any, key: list[Any]) -> Remembered | None:
     if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], list)):
         return None
     if entry[0][1:] != key[1:] or not isinstance(entry[2], dict) or not isinstance(entry[3], list):
+        return None
+    if not (isinstance(entry[1], str) and entry[1].startswith(DIGEST_RULE)):
         return None
     pairs = entry[3]
     if not all(

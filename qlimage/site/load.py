@@ -19,6 +19,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from functools import cache
 from importlib import resources
+from operator import attrgetter
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -153,11 +154,15 @@ class ValidationCache:
                 self.changed = True
         return raw
 
-    def read_inventory(self, file: Path, where: str, problems: list[str]) -> dict[str, Any] | None:
+    def read_inventory(
+        self, file: Path, where: str, problems: list[str]
+    ) -> tuple[dict[str, Any], list[str] | None] | None:
         """read() of a nodes.d file, host by host (site/inventory.py): after one node of a
         10,000-node file changed, only its chunk is parsed and validated. The file's entry is
         [key, prefix digest, prefix data, [[chunk digest, host table], ...] in file order],
-        each table valid. A file that does not cut into hosts is read() whole."""
+        each table valid. A file that does not cut into hosts is read() whole. Returns the
+        data and the digest of each host's chunk in file order (None: read whole), which the
+        hosts' origins name."""
         try:
             blob = file.read_bytes()
         except OSError as e:
@@ -166,13 +171,13 @@ class ValidationCache:
         key = [hashlib.sha256(blob).hexdigest(), "nodes", self.schema_digest("nodes")]
         entry = self.entries.get(str(file))
         if isinstance(entry, list) and len(entry) == 2 and entry[0] == key:
-            return self.read(file, "nodes", where, problems)  # read whole before, unchanged
+            return self.read_whole(file, where, problems)  # read whole before, unchanged
         known = inventory.remembered(entry, key)
         if known is not None and known.key == key:
-            return inventory.assemble(known.prefix, known.hosts)
+            return inventory.assemble(known.prefix, known.hosts), [d for d, _ in known.pairs]
         parsed = inventory.parse(blob, known.by_digest if known is not None else {})
         if parsed is None:
-            return self.read(file, "nodes", where, problems)
+            return self.read_whole(file, where, problems)
         errors = []
         if known is None or known.prefix_digest != parsed.prefix_digest:  # else valid still
             errors += validate({**parsed.prefix, "hosts": []}, "nodes", where)
@@ -188,7 +193,13 @@ class ValidationCache:
                 self.entries[str(file)] = inventory.entry(key, parsed)
                 self.entries.pop(HOSTS_SLOT + str(file), None)  # the whole-file way's
                 self.changed = True
-        return parsed.data
+        return parsed.data, parsed.digests
+
+    def read_whole(
+        self, file: Path, where: str, problems: list[str]
+    ) -> tuple[dict[str, Any], None] | None:
+        data = self.read(file, "nodes", where, problems)
+        return None if data is None else (data, None)
 
     def validate_file(
         self, raw: dict[str, Any], schema_name: str, where: str, file: Path
@@ -344,7 +355,7 @@ def read_site(root: Path) -> Site:
     default = boot.get("default")
     if default is not None and default not in bootconfigs:
         problems.append(f"{SITE_FILE}: .boot.default: unknown boot config {default!r}")
-    hosts = load_hosts(
+    hosts, origins = load_hosts(
         paths, networks, images, bootconfigs, chroots, problems, checked, raw["head"]["address"],
         broken,
     )  # fmt: skip
@@ -408,7 +419,8 @@ def read_site(root: Path) -> Site:
         keep_generations=setting(raw, "publish", "keep"),
         boot_test=setting(raw, "publish", "boot_test"),
         boot_test_timeout=float(setting(raw, "publish", "boot_test_timeout")),
-        hosts=tuple(sorted(hosts, key=lambda h: h.name)),
+        hosts=tuple(sorted(hosts, key=attrgetter("name"))),
+        host_origins=MappingProxyType(origins),
         recipes=tuple(recipes),
         chroots=MappingProxyType(chroots),
         chroot_tasks=MappingProxyType(chroot_tasks),
@@ -721,81 +733,243 @@ def load_hosts(
     checked: ValidationCache,
     head: str,
     broken: set[str],
-) -> list[Host]:
+) -> tuple[list[Host], dict[int, tuple[Host, str]]]:
+    """Every host of nodes.d, checked against the rest of the site, and the origin of each
+    host of a file read host by host (Site.host_origins). Paid per host of a 10,000-node site
+    on every build, so what can be is worked out once per site (the images a host can name
+    alone, the networks' ranges), and a value's claim keeps the host's place, not a message:
+    messages are only worded for the problems found."""
     hosts: list[Host] = []
-    seen: dict[tuple[str, str], str] = {}  # (kind, value) -> "file: path" that claimed it first
-
-    def claim(kind: str, value: str, where: str) -> None:
-        if (kind, value) in seen:
-            problems.append(f"{where}: {kind} {value!r} is already used by {seen[kind, value]}")
-        else:
-            seen[kind, value] = where
-
-    boot_net = next((n for n in networks.values() if n.boot), None)
+    origins: dict[int, tuple[Host, str]] = {}
+    # Value -> the place that claimed it first: the host's `at` (names, MACs) or, for an
+    # address, (`at`, network). A claim is its own: `is` tells a clash from itself.
+    names: dict[str, str] = {}
+    macs: dict[str, str] = {}
+    claimed: dict[str, tuple[str, str]] = {}
+    boot_name = next((n.name for n in networks.values() if n.boot), None)
     ranges = {name: host_range(net) for name, net in networks.items()}
     head_canonical = canonical_ipv4(head) is not None  # else: the slow way
-    files: list[tuple[str, dict[str, Any]]] = []
-    for path in toml_files(paths.nodes, problems, paths.root):
-        where = rel(path, paths.root)
-        raw = checked.read_inventory(path, where, problems)
-        if raw is None:
-            continue
-        files.append((where, raw))
-    optionsets, groups = collect_named(files, problems)
-    for where, raw in files:
+    plain = images_named_alone(images, bootconfigs)
+    files = read_inventories(paths, problems, checked)
+    optionsets, groups = collect_named([(where, raw) for where, raw, _ in files], problems)
+    refs = NamedRefs(optionsets, groups)
+    for where, raw, digests in files:
+        stem = origin_stem(where) if digests is not None else ""
         for i, h in enumerate(raw.get("hosts", [])):
             at = f"{where}: .hosts[{i}]"
-            claim("name", h["name"], at + ".name")
-            claim("MAC", h["mac"].lower(), at + ".mac")
-            if not unicast_mac(h["mac"]):
+            name = h["name"]
+            first = names.setdefault(name, at)
+            if first is not at:
+                problems.append(f"{at}.name: name {name!r} is already used by {first}.name")
+            mac = h["mac"].lower()
+            first = macs.setdefault(mac, at)
+            if first is not at:
+                problems.append(f"{at}.mac: MAC {mac!r} is already used by {first}.mac")
+            if not unicast_mac(mac):
                 problems.append(
                     f"{at}.mac: {h['mac']} is a broadcast, multicast or zero MAC;"
                     " expected the station address of the node's NIC"
                 )
             addresses = []
-            for net_name, value in sorted(h["networks"].items()):
-                entry = value if isinstance(value, dict) else {"address": value}
+            nets = h["networks"]
+            for net_name, value in sorted(nets.items()) if len(nets) > 1 else nets.items():
                 if net_name not in networks:
                     problems.append(
                         f"{at}.networks.{net_name}: unknown network (site.toml "
                         f"defines: {', '.join(sorted(networks))})"
                     )
                     continue
-                net = networks[net_name]
-                fine = head_canonical and usable(entry["address"], ranges[net_name], head)
-                unusable = "" if fine else unusable_address(entry["address"], net, head)
+                # A table, or just the address (no dict made for the usual host).
+                address = value["address"] if isinstance(value, dict) else value
+                fine = head_canonical and usable(address, ranges[net_name], head)
+                unusable = "" if fine else unusable_address(address, networks[net_name], head)
                 if unusable:
-                    problems.append(f"{at}.networks.{net_name}: {entry['address']} {unusable}")
-                claim("address", entry["address"], f"{at}.networks.{net_name}")
-                addresses.append(
-                    HostAddress(
-                        net_name,
-                        entry["address"],
-                        entry.get("hostname", h["name"]),
-                        tuple(entry.get("aliases", ())),
+                    problems.append(f"{at}.networks.{net_name}: {address} {unusable}")
+                mine = (at, net_name)
+                place = claimed.setdefault(address, mine)
+                if place is not mine:
+                    problems.append(
+                        f"{at}.networks.{net_name}: address {address!r} is already used by"
+                        f" {place[0]}.networks.{place[1]}"
                     )
-                )
-            if boot_net is not None and boot_net.name not in h["networks"]:
-                problems.append(f"{at}.networks: no address on the boot network {boot_net.name!r}")
-            bootconfig = host_bootconfig(h, images, bootconfigs, at, problems, broken)
-            options, sources = merge_options(h, optionsets, groups, at, problems)
-            check_options(options, sources, h, paths, chroots, at, problems)
+                if isinstance(value, dict):
+                    hostname = value.get("hostname", name)
+                    aliases = tuple(value["aliases"]) if "aliases" in value else ()
+                else:
+                    hostname, aliases = name, ()
+                addresses.append(new_address(net_name, address, hostname, aliases))
+            if boot_name is not None and boot_name not in nets:
+                problems.append(f"{at}.networks: no address on the boot network {boot_name!r}")
+            image = h.get("image")
+            if image in plain and "bootconfig" not in h:
+                bootconfig = image  # what host_bootconfig answers, without a problem
+            else:
+                bootconfig = host_bootconfig(h, images, bootconfigs, at, problems, broken)
+            option_map: Mapping[str, Any]
+            source_map: Mapping[str, str]
+            named = "groups" in h or "optionsets" in h
+            if named or "options" in h:
+                options, sources = merge_options(h, optionsets, groups, at, problems)
+                check_options(options, sources, h, paths, chroots, at, problems)
+                option_map, source_map = MappingProxyType(options), MappingProxyType(sources)
+            else:
+                option_map, source_map = NO_OPTIONS, NO_OPTIONS
             hosts.append(
-                Host(
-                    h["name"],
-                    h["mac"].lower(),
+                new_host(
+                    name,
+                    mac,
                     tuple(addresses),
                     bootconfig,
                     where,
-                    MappingProxyType(options),
-                    MappingProxyType(sources),
+                    option_map,
+                    source_map,
                     host_keys(h["ssh_host_keys"], f"{at}.ssh_host_keys", problems)
                     if "ssh_host_keys" in h
                     else (),
                 )
             )
+            if digests is not None:
+                host = hosts[-1]
+                refs_digest = refs.digest(h) if named else ""
+                origins[id(host)] = (host, f"{stem}{digests[i]}{refs_digest}")
     problems += ssh_name_problems(hosts)
-    return hosts
+    return hosts, origins
+
+
+def read_inventories(
+    paths: Paths, problems: list[str], checked: ValidationCache
+) -> list[tuple[str, dict[str, Any], list[str] | None]]:
+    """Each valid nodes.d file: (its name, its data, its hosts' chunk digests or None)."""
+    files = []
+    for path in toml_files(paths.nodes, problems, paths.root):
+        where = rel(path, paths.root)
+        read = checked.read_inventory(path, where, problems)
+        if read is not None:
+            files.append((where, *read))
+    return files
+
+
+def images_named_alone(
+    images: Mapping[str, Image], bootconfigs: Mapping[str, BootConfig]
+) -> frozenset[str]:
+    """The images a host naming only an image boots with no problem (see host_bootconfig):
+    asked once per site, not once per host."""
+    return frozenset(
+        name
+        for name in images
+        if not reserved_pxelinux_name(name)
+        and (name not in bootconfigs or bootconfigs[name].image == name)
+    )
+
+
+# The options of a host that has none: one empty mapping, shared (it cannot be changed).
+NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
+
+_new = object.__new__
+
+
+def new_host(
+    name: str,
+    mac: str,
+    addresses: tuple[HostAddress, ...],
+    bootconfig: str,
+    source: str,
+    options: Mapping[str, Any],
+    option_sources: Mapping[str, str],
+    ssh_host_keys: tuple[str, ...],
+) -> Host:
+    """Host(...) at half the cost of a frozen dataclass's __init__ (which
+    sets each field through object.__setattr__): 10,000 hosts a load. The same object, field
+    for field; a test holds it to Host's fields."""
+    host = _new(Host)
+    d = host.__dict__
+    d["name"] = name
+    d["mac"] = mac
+    d["addresses"] = addresses
+    d["bootconfig"] = bootconfig
+    d["source"] = source
+    d["options"] = options
+    d["option_sources"] = option_sources
+    d["ssh_host_keys"] = ssh_host_keys
+    return host
+
+
+def new_address(network: str, address: str, hostname: str, aliases: tuple[str, ...]) -> HostAddress:
+    """HostAddress(...) the way new_host makes a Host."""
+    value = _new(HostAddress)
+    d = value.__dict__
+    d["network"] = network
+    d["address"] = address
+    d["hostname"] = hostname
+    d["aliases"] = aliases
+    return value
+
+
+# --- origins: what a loaded Host was made of -------------------------------------------------
+#
+# A host's origin is `stem + chunk digest + refs`: the stem names the loader's code and the
+# nodes.d file, the chunk digest the bytes of the host's own `[[hosts]]` table (inventory.py;
+# the validation cache keeps each chunk's table by that digest), refs the options its groups
+# and option sets give it (NamedRefs; "" when it names none). Each piece has a fixed length,
+# so the string reads back into its pieces.
+#
+# Those are all a Host is made of: its fields come from its table (name, MAC, addresses,
+# boot config or image, inline options, host keys), the file (`source`) and the options its
+# groups and option sets give it, which its inline table then overrides (merge_options).
+# Everything else load_hosts reads (networks, images, boot configs, chroots, rootfs trees, the
+# head's address, the other hosts) only decides whether the site has a problem, and a site
+# with one does not load. So two loaded hosts of one origin are equal, and a key of the
+# origin stands for every field (tests/test_host_origin.py holds both to every kind of edit).
+
+
+@cache
+def loader_digest() -> str:
+    """The code that turns a host's table into a Host (this module, which also makes every
+    Host, see new_host, and the inventory's cut): a change to it may change any host."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("load.py", "inventory.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+def origin_stem(where: str) -> str:
+    """The part of an origin that all hosts of one nodes.d file share (16 hex digits)."""
+    text = f"{loader_digest()}\0{where}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+
+
+class NamedRefs:
+    """What a host's `groups` and `optionsets` give it, as one digest (16 hex digits; "" for
+    a host that names none), worked out once per distinct pair of lists."""
+
+    def __init__(
+        self,
+        optionsets: Mapping[str, tuple[str, dict[str, Any]]],
+        groups: Mapping[str, tuple[str, dict[str, Any]]],
+    ) -> None:
+        self.optionsets = optionsets
+        self.groups = groups
+        self.known: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}
+
+    def digest(self, h: Mapping[str, Any]) -> str:
+        if "groups" not in h and "optionsets" not in h:
+            return ""
+        names = (tuple(h.get("groups", ())), tuple(h.get("optionsets", ())))
+        if names not in self.known:
+            self.known[names] = self.work_out(*names)
+        return self.known[names]
+
+    def work_out(self, groups: tuple[str, ...], optionsets: tuple[str, ...]) -> str:
+        # The options and their sources those lists give, as merge_options gives them before
+        # the host's inline table (its last layer, in the host's own chunk), in key order as
+        # the bundle key reads them: an edit of a group or option set that leaves them as
+        # they were changes no host. An unknown name is a problem, and such a site does not
+        # load, so the problems are not kept.
+        named = {"groups": list(groups), "optionsets": list(optionsets)}
+        options, sources = merge_options(named, self.optionsets, self.groups, "", [])
+        text = json.dumps([options, sources], sort_keys=True, separators=(",", ":"))
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 # Key types a host key can have (sshd's HostKey types; no ssh-dss, which OpenSSH dropped, and no
@@ -847,6 +1021,17 @@ def ssh_name_problems(hosts: list[Host]) -> list[str]:
     problems = []
     owner: dict[str, Host] = {}
     for host in hosts:
+        addresses = host.addresses
+        if len(addresses) == 1 and addresses[0].hostname == host.name and not addresses[0].aliases:
+            # The usual host, one address named by its inventory name: one name to own, as the
+            # loop below owns it (its second look at the same name changes nothing).
+            first = owner.setdefault(host.name, host)
+            if first is not host and first.name != host.name:
+                problems.append(
+                    f"{host.source}: host {host.name}: .networks.{addresses[0].network}: name"
+                    f" {host.name!r} is already a name of host {first.name} ({first.source})"
+                )
+            continue
         reported = set()
         for a in host.addresses:
             for name in (host.name, a.hostname, *a.aliases):
@@ -863,9 +1048,10 @@ def ssh_name_problems(hosts: list[Host]) -> list[str]:
 
 
 def unicast_mac(mac: str) -> bool:
-    """A NIC's own address: not all zeros, and the group bit (multicast, broadcast) clear."""
-    value = int(mac.replace(":", ""), 16)  # one int() a host, not six: 10,000 hosts a load
-    return value != 0 and not value >> 40 & 1
+    """A NIC's own address, six hex pairs as the schema lets them through: not all zeros, and
+    the group bit (multicast, broadcast), the lowest of the first octet, clear. Read off the
+    text (the second hex digit is odd), not as a number: 10,000 hosts a load."""
+    return mac[1] not in "13579bdfBDF" and mac != "00:00:00:00:00:00"
 
 
 def unusable_address(address: str, net: Network, head: str) -> str:

@@ -203,6 +203,19 @@ class Site:
     # [publish] boot_test: new image generations boot in QEMU before they become current.
     boot_test: bool = False
     boot_test_timeout: float = 240.0
+    # What the loader made each host of (site/load.py, "origins"), by the host object's id:
+    # two hosts of one origin are equal, so a bundle key hashes it instead of every field.
+    # Trusted for that very object only (see origin): a Host made any other way, by
+    # dataclasses.replace too, is another object and has none. Each entry holds its host, so
+    # the id cannot pass to another object while the mapping lives.
+    host_origins: Mapping[int, tuple[Host, str]] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+
+    def origin(self, host: Host) -> str:
+        """The host's origin if it is a host as this site loaded it, else ""."""
+        entry = self.host_origins.get(id(host))
+        return entry[1] if entry is not None and entry[0] is host else ""
 
     def host_chroot(self, host: Host) -> Chroot | None:
         """The node's own chroot option overrides its image's chroot."""
