@@ -1,8 +1,16 @@
-"""Reproducible squashfs images with mksquashfs."""
+"""Reproducible squashfs images with mksquashfs.
+
+The image is written out to disk while mksquashfs still makes it (`EarlyWriteback`): publishing
+makes a generation durable (fsync) before its rename, and without this that fsync found most of
+the image still in memory and waited for the disk to write it all at the end of the step.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +21,11 @@ from qlimage.run import run
 
 if TYPE_CHECKING:
     from qlimage.site import Site
+
+# How often, at most, the kernel is asked to start writing out what mksquashfs wrote so far.
+WRITEBACK_EVERY = 1.0
+# sync_file_range(2) flag (<linux/fs.h>): start writing the range's dirty pages, do not wait.
+SYNC_FILE_RANGE_WRITE = 2
 
 
 def mksquashfs_command(
@@ -55,6 +68,67 @@ def mksquashfs_command(
     return cmd
 
 
+def libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """sync_file_range(2) of the C library (Python's os has no wrapper), or None without one."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = libc_sync_file_range()
+
+
+def start_writeback(fd: int) -> bool:
+    """Have the kernel start writing the file's dirty pages to disk, without waiting for it.
+    A hint only, whether it works or not: durability stays with the fsync before the rename."""
+    if _sync_file_range is None:
+        return False
+    return _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) == 0
+
+
+class EarlyWriteback:
+    """Starts the writeback of `path` while mksquashfs writes it, at most every `every`
+    seconds (poked from mksquashfs' progress output, whenever some comes).
+
+    The disk is idle while mksquashfs compresses: what it wrote is written out meanwhile, so
+    the fsync of the generation waits for the last second's writes only. The pages stay in
+    the page cache, so the sha256 right after mksquashfs still reads from memory."""
+
+    def __init__(
+        self,
+        path: Path,
+        every: float = WRITEBACK_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.every = every
+        self.clock = clock
+        self.last = clock()
+        self.fd: int | None = None
+        self.started = 0  # how many writebacks were started
+
+    def poke(self) -> None:
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        if self.fd is None:
+            try:  # mksquashfs creates the file once it has read the tree
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                return
+        self.started += start_writeback(self.fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def make_squashfs(
     tree: Path,
     output: Path,
@@ -66,21 +140,30 @@ def make_squashfs(
 ) -> None:
     shown = Progress(f"mksquashfs {output.name}", 0)
     with atomic_path(output) as tmp:
-        run(
-            mksquashfs_command(
-                tree,
-                tmp,
-                compressor=compressor,
-                level=level,
-                block_size=block_size,
-                epoch=epoch,
-                progress=True,
-            ),
-            on_stdout=SquashfsBar(shown).feed,
-            # mksquashfs refuses SOURCE_DATE_EPOCH together with -mkfs-time/-all-time, which
-            # already carry the site's epoch.
-            unset=["SOURCE_DATE_EPOCH"],
-        )
+        bar, writeback = SquashfsBar(shown), EarlyWriteback(tmp, WRITEBACK_EVERY)
+
+        def on_progress(chunk: bytes) -> None:
+            bar.feed(chunk)
+            writeback.poke()
+
+        try:
+            run(
+                mksquashfs_command(
+                    tree,
+                    tmp,
+                    compressor=compressor,
+                    level=level,
+                    block_size=block_size,
+                    epoch=epoch,
+                    progress=True,
+                ),
+                on_stdout=on_progress,
+                # mksquashfs refuses SOURCE_DATE_EPOCH together with -mkfs-time/-all-time,
+                # which already carry the site's epoch.
+                unset=["SOURCE_DATE_EPOCH"],
+            )
+        finally:
+            writeback.close()
         shown.finish()
         os.chmod(tmp, 0o644)
 
