@@ -4,11 +4,13 @@ with --debug."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from qlimage import __version__
@@ -58,7 +60,43 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+# Allocations between two young-generation collections once the site is loaded (Python's
+# default, 700, made 17 collections walk 10,000 nodes' worth of young objects in one build).
+GC_THRESHOLD = 100_000
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cycle collector off until the site is loaded (settle_memory), and as it was after
+    the command (a test may call main in its own process). What the command left is frozen,
+    not collected: the process ends here, and its last collection then walks none of it."""
+    enabled, threshold = gc.isenabled(), gc.get_threshold()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.set_threshold(*threshold)
+        if enabled:
+            gc.enable()
+
+
+def settle_memory() -> None:
+    """The loaded site lives as long as the command, and loading it makes hardly any garbage
+    cycles: so the cycle collector is off while it loads, and afterwards never walks it again
+    (a 10,000-node site is a million objects; the collections of one build walked them for
+    0.1 s). Then it runs, less often."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+    gc.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    with collector_paused():
+        run_command(argv)
+
+
+def run_command(argv: Sequence[str] | None) -> NoReturn:
     args = parse(argv)
     try:
         # A verb may answer before the site is loaded (`build` with nothing to do).
@@ -66,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if before is not None and (early := before(args)) is not None:
             sys.exit(early)
         site = load_site(args.site)
+        settle_memory()
         status = args.func(site, args)
     except QlimageError as e:
         if args.debug:
