@@ -24,3 +24,19 @@ def test_seed_commands_take_the_global_options_anywhere(
 
     monkeypatch.setenv("QLIMAGE_SITE", "SITE")
     assert seed_argv("edit", argv) == expected
+
+
+@pytest.mark.parametrize("argv", [["-C", "/nonexistent/site", "status"], ["--help"]])
+def test_main_leaves_the_cycle_collector_as_it_found_it(argv: list[str]) -> None:
+    """main pauses the collector while a site loads; a caller in the same process (a test)
+    gets it back as it was, whether the command failed, printed help or ran."""
+    import gc
+
+    from qlimage.cli import main
+
+    threshold = gc.get_threshold()
+    assert gc.isenabled()
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert gc.isenabled()
+    assert gc.get_threshold() == threshold
