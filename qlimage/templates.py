@@ -32,7 +32,7 @@ def environment() -> Any:
     loader = jinja2.PrefixLoader(
         {room: jinja2.FileSystemLoader(PACKAGE / room / "templates") for room in ROOMS}
     )
-    settings = {
+    settings: dict[str, Any] = {
         "undefined": jinja2.StrictUndefined,
         "keep_trailing_newline": True,
         "autoescape": False,
