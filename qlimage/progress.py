@@ -1,4 +1,5 @@
-"""Progress of long work (mksquashfs of an image, package downloads, chroot creation).
+"""Progress of long work (mksquashfs of an image, package downloads, chroot creation, the
+unpacking of a module package).
 
 When standard error is a terminal, one live line there is rewritten in place. Anywhere else (a
 log, CI) work that lasts more than a moment prints a plain line every 10 % or every 5 seconds,
@@ -8,12 +9,15 @@ errors (one line each). `qlimage build --quiet` calls `silence()`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import IO
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Protocol
 
 PLAIN_STEP = 10.0  # percent between plain lines
 PLAIN_EVERY = 5.0  # seconds between plain lines at the most
@@ -245,3 +249,102 @@ class MmdebstrapLog:
         elif self.shown is not None:
             self.shown.abandon()
             self.shown, self.phase = None, ""
+
+
+# --- a file read by another process ----------------------------------------------------------
+# Tools that print no progress of their own (dpkg-deb -x) are measured from outside, as `pv -d
+# PID` does: the kernel keeps the offset of every open file description in
+# /proc/PID/fdinfo/FD `pos:`, and a tool's forked children share the description they
+# inherited, so the offset of the archive it unpacks is the compressed bytes it has consumed.
+# dpkg-deb -x (1.21) closes the .deb in its first process once it has forked the copier of the
+# data member and the decompressor, which both hold it: the tool's descendants are searched.
+# The file is matched by device and inode (what the fd link stats to), never by the link's
+# text: that is rewritten for deleted files and is anything for paths with odd characters.
+MAX_PROCESSES = 32  # processes of one tool looked at: dpkg-deb runs 4
+MAX_FDS = 256  # descriptors of one process looked at: dpkg-deb holds a handful
+
+
+def file_position(pid: int, st_dev: int, st_ino: int) -> int | None:
+    """The offset of the file (`st_dev`, `st_ino`) in the first descriptor of process `pid`
+    that has it open, or None: not open there, or the process or descriptor went away while
+    we looked (a tool's children come and go; a race is not an error here)."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return None
+    for fd in fds[:MAX_FDS]:
+        try:
+            st = os.stat(f"{fd_dir}/{fd}")
+            if (st.st_dev, st.st_ino) != (st_dev, st_ino):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                for line in info:
+                    if line.startswith("pos:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def process_family(pid: int) -> list[int]:
+    """`pid` and its descendants, at most MAX_PROCESSES, parents first (from each thread's
+    /proc/PID/task/TID/children, Linux >= 4.2 with CONFIG_PROC_CHILDREN as Debian's kernels
+    have it; without it, `pid` alone). A process starting or ending meanwhile may be missed."""
+    family: list[int] = []
+    pending = [pid]
+    while pending and len(family) < MAX_PROCESSES:
+        current = pending.pop(0)
+        family.append(current)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children") as children:
+                    pending += [int(child) for child in children.read().split()]
+            except (OSError, ValueError):
+                continue
+    return family
+
+
+class Running(Protocol):
+    """A started process, as `run(on_tick=)` hands it over (a subprocess.Popen)."""
+
+    pid: int
+
+
+class ReadPosition:
+    """Shows on `progress` how far a running tool has read `path`: pass `tick` to
+    `run(on_tick=)`. The offset only moves forward on the line: a tool that seeks back (or a
+    child holding a second description of the file) never makes the bar go backwards."""
+
+    def __init__(self, path: Path, progress: Progress) -> None:
+        st = os.stat(path)
+        self.key = (st.st_dev, st.st_ino)
+        self.progress = progress
+
+    def tick(self, proc: Running) -> None:
+        if self.progress.quiet:  # --quiet: not even the look into /proc
+            return
+        for pid in process_family(proc.pid):
+            position = file_position(pid, *self.key)
+            if position is not None:
+                if position > self.progress.done:
+                    self.progress.update(min(position, self.progress.total))
+                return
+
+
+@contextlib.contextmanager
+def reading(path: Path, label: str) -> Iterator[Callable[[Running], None]]:
+    """A progress line (bytes) of how far a tool reads `path`, as `label`: yields the tick for
+    `run(on_tick=)`; the line ends at 100 % when the block ends well and where it stood when
+    it fails, so that the error starts on a line of its own."""
+    shown = Progress(label, os.stat(path).st_size, as_bytes=True)
+    try:
+        yield ReadPosition(path, shown).tick
+    except BaseException:
+        shown.abandon()
+        raise
+    shown.finish()

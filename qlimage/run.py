@@ -42,6 +42,7 @@ STDERR_LINES = 5  # how many of the last stderr lines an error shows
 STDERR_LINE_CHARS = 400  # ... each cut to this length
 COMMAND_CHARS = 1000  # a longer command line is shown shortened in the middle
 GRACE = 5.0  # seconds between SIGTERM and SIGKILL when a child is stopped
+TICK = 0.15  # seconds between calls of run(on_tick=): a live progress line's pace
 
 # Which Debian package provides each external program we call, so that a missing tool
 # tells the admin exactly what to install. The head calls: cp, cpio, depmod, diffoscope,
@@ -302,11 +303,14 @@ def run(
     stderr: Stream = PIPE,
     umask: int = -1,
     on_stdout: Callable[[bytes], object] | None = None,
+    on_tick: Callable[[subprocess.Popen[bytes]], object] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `cmd` (never through a shell) to its end and return its status and output.
 
     With `on_stdout`, the child's stdout is handed to it chunk by chunk as it comes (a tool's
-    progress bar) and not returned; no `timeout` and no `input` then.
+    progress bar) and not returned; no `timeout` and no `input` then. With `on_tick`, it is
+    called with the process every TICK seconds while the command runs (progress measured from
+    outside, e.g. progress.ReadPosition); no `timeout` and no `on_stdout` then.
 
     stdin is `input` (else /dev/null); stdout is returned with `capture`, else goes to `stdout`
     (default: ours); stderr is captured for the error message unless `stderr` sends it
@@ -319,6 +323,8 @@ def run(
         if on_stdout and (timeout is not None or input is not None):
             raise ValueError("on_stdout takes no timeout and no input")
         stdout = PIPE
+    if on_tick and (timeout is not None or on_stdout):
+        raise ValueError("on_tick takes no timeout and no on_stdout")
     argv = resolve(cmd)
     with spawn(
         argv,
@@ -333,6 +339,8 @@ def run(
         try:
             if on_stdout:
                 out, err = None, stream_stdout(proc, on_stdout)
+            elif on_tick:
+                out, err = communicate_ticking(proc, input, on_tick)
             else:
                 out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -364,6 +372,23 @@ def stream_stdout(proc: subprocess.Popen[bytes], on_stdout: Callable[[bytes], ob
     reader.join()
     proc.wait()
     return err[0] if err else b""
+
+
+def communicate_ticking(
+    proc: subprocess.Popen[bytes],
+    input: bytes | None,
+    on_tick: Callable[[subprocess.Popen[bytes]], object],
+) -> tuple[Any, Any]:  # as Popen.communicate's: bytes, or None for a stream not piped
+    """`proc.communicate(input)`, calling `on_tick(proc)` every TICK seconds until the child
+    ends. communicate() may be called again after its timeout without losing output (it keeps
+    the input it was given first), so stdin, stdout and stderr are handled exactly as without
+    ticks. If `on_tick` raises, `spawn` stops the child."""
+    while True:
+        try:
+            return proc.communicate(input, timeout=TICK)
+        except subprocess.TimeoutExpired:
+            input = None  # given once: a second time is an error
+            on_tick(proc)
 
 
 class Stopped(Exception):

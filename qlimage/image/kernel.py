@@ -17,6 +17,7 @@ from qlimage.atomic import TMP_PREFIX, atomic_path
 from qlimage.errors import BuildError
 from qlimage.layout import KERNEL_INFO
 from qlimage.pool.packages import read_control
+from qlimage.progress import reading
 from qlimage.run import run
 from qlimage.site import Site
 from qlimage.trees import file_digest
@@ -61,7 +62,8 @@ def unpack_kernel(deb: Path, dest: Path) -> Kernel:
     """Unpack `deb` into `dest` (replaced atomically) and describe it in kernel.json."""
     control = read_control(deb)
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "unpack.", dir=dest.parent) as tmp:
-        run(["dpkg-deb", "-x", deb, tmp])
+        with reading(deb, f"unpack {deb.name}") as tick:  # ~70 MB of xz: seconds
+            run(["dpkg-deb", "-x", deb, tmp], on_tick=tick)
         images = sorted(Path(tmp, "boot").glob("vmlinuz-*"))
         if not images:
             raise BuildError(f"{deb.name}: no /boot/vmlinuz-* in this package")

@@ -36,6 +36,7 @@ from qlimage.errors import ConfigError, QlimageError
 from qlimage.image import changelogs, overlays, rootpw
 from qlimage.layout import Layout
 from qlimage.pool.packages import ModulePackage, check_module_archives
+from qlimage.progress import reading
 from qlimage.run import run
 from qlimage.site import Image, Site
 from qlimage.trees import replace_in_root
@@ -63,8 +64,13 @@ def unpack_module(site: Site, module: ModulePackage) -> Path:
     stamp = tree.parent / f"{tree.name}{STAMP}"
     if tree.is_dir() and stamp.exists() and stamp.read_text() == deb_stamp(module.path):
         return tree
-    with atomic_path(tree, directory=True) as work:
-        run(["dpkg-deb", "-x", module.path, work])
+    # dpkg-deb prints no progress: how far it has read the .deb (compressed bytes consumed) is
+    # looked at from outside, so that the extraction itself stays dpkg-deb's own.
+    with (
+        atomic_path(tree, directory=True) as work,
+        reading(module.path, f"unpack {module.path.name}") as tick,
+    ):
+        run(["dpkg-deb", "-x", module.path, work], on_tick=tick)
         os.chmod(work, 0o755)
     for derived in (".files", ".changelog"):  # computed from the old tree: recompute
         tree.with_name(tree.name + derived).unlink(missing_ok=True)
