@@ -391,6 +391,41 @@ def communicate_ticking(
             on_tick(proc)
 
 
+# fork_beside's copy starts its answer with this when its work went well.
+DONE = b"d"
+
+
+def fork_beside(work: Callable[[], bytes], meanwhile: Callable[[], object]) -> bytes | None:
+    """What `work()` returns, computed by a forked copy of this process (no program is
+    started) while this one runs `meanwhile`: time the copy spends in the kernel (stat calls)
+    overlaps time this one spends in the interpreter (imports), which a thread's could not (it
+    would wait for the interpreter lock at each call). None when the copy failed, for the
+    caller to do the work itself (where the error shows), and without a copy in a process
+    with other threads: a fork copies the calling thread alone, and a lock another one holds
+    would never be released in the copy."""
+    if threading.active_count() > 1:
+        return None
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the copy: never returns
+        status = 1
+        try:
+            os.close(read_end)
+            with open(write_end, "wb") as out:
+                out.write(DONE + work())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        with open(read_end, "rb") as answer:
+            meanwhile()
+            found = answer.read()
+    finally:
+        os.waitpid(pid, 0)
+    return found[1:] if found[:1] == DONE else None
+
+
 class Stopped(Exception):
     """SIGTERM: a foreground service leaves its loop the same way Ctrl-C does, so `spawn`
     stops and reaps its children on the way out."""

@@ -13,7 +13,9 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -275,4 +277,69 @@ def test_changed_outputs_are_not_trusted_after_an_input_edit(site: Path, tamper:
     edit_beo_02(site)
     assert not stamp.up_to_date(site)
     assert executed(declines(site)) >= {"bundle:beo-01", "bundle:beo-02"}
+    assert sorted(os.listdir(served_generation(site))) == GENERATION_FILES
+
+
+def edited_and_settled(root: Path) -> None:
+    """beo-02 edited, its edit older than the stamp's margin (so the build may stamp)."""
+    stamped(root)
+    edit_beo_02(root)
+    time.sleep(stamp.MARGIN_NS / 1e9 + 0.1)
+
+
+def build_in_process(root: Path) -> None:
+    """A build in this process, so that a test may wrap what it calls."""
+    from qlimage.cli import main
+
+    with pytest.raises(SystemExit) as end:
+        main(["-C", str(root), "build"])
+    assert end.value.code == 0
+
+
+def test_the_stamp_after_an_edit_takes_untouched_nodes_as_seen_before(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build after an edit stamps the node directories it left alone with the keys the
+    stamp check saw before the build (not stat'ed again), and stats the ones it wrote."""
+    edited_and_settled(site)
+    seen: Counter[str] = Counter()
+    stat_key, write = stamp.stat_key, stamp.write
+
+    def counted(path: str, *, follow: bool) -> stamp.Key | None:
+        seen[path] += 1
+        return stat_key(path, follow=follow)
+
+    def write_counting(*args: Any, **kwargs: Any) -> bool:
+        monkeypatch.setattr(stamp, "stat_key", counted)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(stamp, "write", write_counting)
+    build_in_process(site)
+    monkeypatch.undo()
+    assert (site / "bootfiles/.build-stamp.json").exists()
+    nodes = site / "bootfiles/qlustar/nodes"
+    assert seen[str(nodes / NODE)] == 0  # beo-01: as the check before the build saw it
+    assert seen[str(nodes / "52-54-00-12-34-57")] == 1  # beo-02: written, so looked at
+    assert NOTHING in build(site).stdout
+
+
+def test_a_node_changed_while_an_edit_builds_is_not_stamped_as_served(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A served node changed behind the back of a build that trusted the outputs is not
+    recorded as the build's: the next build publishes it again."""
+    from qlimage.bundle.publish import NodeBundles
+
+    edited_and_settled(site)
+    publish = NodeBundles.publish
+
+    def publish_then_tamper(self: NodeBundles) -> None:
+        publish(self)
+        (served_generation(site) / "stray").write_text("not the build's\n")
+
+    monkeypatch.setattr(NodeBundles, "publish", publish_then_tamper)
+    build_in_process(site)
+    monkeypatch.undo()
+    assert (site / "bootfiles/.build-stamp.json").exists()
+    assert "bundle:beo-01" in executed(declines(site))
     assert sorted(os.listdir(served_generation(site))) == GENERATION_FILES

@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -361,3 +362,72 @@ def test_every_tool_the_head_calls_names_its_package() -> None:
     assert sorted(names - DEBIAN_PACKAGE.keys()) == []
     # and the programs found by variable: diffoscope, faketime (repro-check)
     assert {"diffoscope", "faketime"} <= DEBIAN_PACKAGE.keys()
+
+
+# --- fork_beside: work of a forked copy beside this process's own -------------------------------
+# Each case runs in a fresh interpreter: a test process may have threads of other tests alive,
+# and then fork_beside (rightly) does not fork.
+FORK_CASE = """
+import os, sys, threading, time
+from pathlib import Path
+from qlimage.run import fork_beside
+
+flag = Path(sys.argv[1])
+case = sys.argv[2]
+parent = os.getpid()
+
+
+def waits_for_meanwhile() -> bytes:
+    # Bounded: the copy gives up after 10 s, which the test then sees.
+    for _ in range(1000):
+        if flag.exists():
+            return f"copy {os.getpid()} saw {flag.read_text()}".encode()
+        time.sleep(0.01)
+    return b"meanwhile never ran"
+
+
+def fails() -> bytes:
+    raise OSError("the copy fails")
+
+
+def meanwhile() -> None:
+    flag.write_text("meanwhile")
+
+
+if case == "thread":
+    stop = threading.Event()
+    threading.Thread(target=stop.wait).start()
+    print(fork_beside(waits_for_meanwhile, meanwhile))
+    stop.set()
+else:
+    found = fork_beside(waits_for_meanwhile if case == "overlap" else fails, meanwhile)
+    print(found.decode() if found else found, "parent", parent)
+"""
+
+
+def fork_case(tmp_path: Path, case: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_CASE, str(tmp_path / "flag"), case],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_fork_beside_runs_the_work_in_a_copy_while_meanwhile_runs(tmp_path: Path) -> None:
+    """The copy's work finishes only once `meanwhile` has run here: both ran at once."""
+    words = fork_case(tmp_path, "overlap").split()
+    assert words[:1] + words[2:4] == ["copy", "saw", "meanwhile"], words
+    assert words[1] != words[-1]  # the work ran in another process
+
+
+def test_fork_beside_answers_none_when_the_copy_fails(tmp_path: Path) -> None:
+    assert fork_case(tmp_path, "fails").split()[0] == "None"
+    assert (tmp_path / "flag").exists()  # meanwhile ran all the same
+
+
+def test_fork_beside_does_not_fork_beside_other_threads(tmp_path: Path) -> None:
+    assert fork_case(tmp_path, "thread") == "None"
+    assert not (tmp_path / "flag").exists()  # neither the work nor meanwhile ran

@@ -97,6 +97,7 @@ class NodeBundles:
         self.published: list[str] = []
         self._due: list[tuple[Host, str]] | None = None
         self.moved: list[str] = []
+        self.written: set[str] = set()  # the node directories this build wrote (names)
         self.table: Served = {}
         # Each host's node directory name, in the hosts' order: asked for three times a build.
         self.names = [node_name(h) for h in site.hosts]
@@ -106,6 +107,15 @@ class NodeBundles:
         (a node directory's key changes with its link or its generation)."""
         nodes = str(self.layout.nodes())
         return [f"{nodes}/{name}/{contract.BUNDLE_FILE}" for name in self.names]
+
+    def settled(self) -> list[str]:
+        """The served directories (as `outputs` names them) of the nodes this build left
+        alone, when the stamp trusted the outputs: as the stamped build left them (for
+        stamp.write)."""
+        if not stamp.outputs_trusted():
+            return []
+        nodes = str(self.layout.nodes())
+        return [f"{nodes}/{name}" for name in self.names if name not in self.written]
 
     def read_table(self) -> Served:
         try:
@@ -149,7 +159,8 @@ class NodeBundles:
         """Publish the due nodes, each on its own: a node that fails is reported together with
         every other that does, and the rest are served."""
         due = self.due()
-        older = generations_by_node(self.layout.nodes(), {node_name(h) for h, _ in due})
+        self.written = {node_name(h) for h, _ in due} | set(self.moved)
+        older = generations_by_node(self.layout.nodes(), self.written)
         problems = []
         for host, key in due:
             name = node_name(host)

@@ -6,6 +6,7 @@ site, before the site is even loaded, and answers "nothing to do" when nothing c
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.set_defaults(func=run, before_site=nothing_to_do)
 
 
+# What a build imports anyway (loading the site, its templates, doit and the graph): imported
+# while the stamp check looks at the outputs, once it knows that a build follows.
+BUILD_MODULES = ("jsonschema", "jinja2", "doit.doit_cmd", "qlimage.tasks.graph")
+
+
+def import_build_modules() -> None:
+    for name in BUILD_MODULES:
+        importlib.import_module(name)
+
+
 def nothing_to_do(args: argparse.Namespace) -> int | None:
     """Before the site is loaded: 0 when the stamp says a full build would do nothing, else
     None (and the moment the build started, which decides whether it may stamp)."""
@@ -29,7 +40,7 @@ def nothing_to_do(args: argparse.Namespace) -> int | None:
     if args.doit_args:
         return None
     args.started_ns = stamp.started()
-    if stamp.up_to_date(Path(args.site)):
+    if stamp.up_to_date(Path(args.site), import_build_modules):
         print("qlimage: nothing to do (no input changed since the last build)")
         return 0
     return None
@@ -47,7 +58,7 @@ def run(site: Site, args: argparse.Namespace) -> int:
 
     def stamp_build(named: GraphFiles) -> None:
         if started is not None:
-            stamp.write(site, started, named.targets, named.file_dep)
+            stamp.write(site, started, named.targets, named.file_dep, named.settled())
 
     full = not args.doit_args and started is not None
     return run_graph(

@@ -148,12 +148,16 @@ class GraphFiles:
     def __init__(self) -> None:
         self.targets: set[str] = set()
         self.file_dep: set[str] = set()
+        self.settled: Callable[[], list[str]] = list  # see NodeBundles.settled
 
     def note(self, task: Any) -> Any:
         if isinstance(task, dict):
             self.targets.update(str(t) for t in task.get("targets", ()))
             self.file_dep.update(str(f) for f in task.get("file_dep", ()))
-            self.targets.update((task.get("meta") or {}).get(OUTPUTS, ()))
+            meta = task.get("meta") or {}
+            self.targets.update(meta.get(OUTPUTS, ()))
+            if PER_NODE in meta:
+                self.settled = meta[PER_NODE].settled
         return task
 
     def wrap(self, tasks: dict[str, Any]) -> dict[str, Any]:
