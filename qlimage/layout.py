@@ -54,6 +54,7 @@ POOL_CACHE = ".pool-control.json"
 DOIT_STATE = ".doit-state.json"
 APT_HOOK_MARKER = ".apt-hook-pending"
 BUILD_STAMP = ".build-stamp.json"
+HOST_PIECES = ".host-pieces"
 KERNEL_INFO = "kernel.json"
 
 
@@ -84,6 +85,7 @@ class Layout:
         self.doit_state = b / DOIT_STATE
         self.apt_hook_marker = b / APT_HOOK_MARKER
         self.build_stamp = b / BUILD_STAMP
+        self.host_pieces = b / HOST_PIECES
         self.head = b / "head"
         self.dnsmasq_conf = self.head / "dnsmasq.conf"
         self.nginx_conf = self.head / "nginx.conf"

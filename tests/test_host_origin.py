@@ -12,8 +12,12 @@ from types import MappingProxyType
 
 import pytest
 
+from qlimage import pieces
+from qlimage.boot import pxelinux
+from qlimage.bundle import sshfiles
 from qlimage.bundle.render import BundleInputs
 from qlimage.errors import ConfigError
+from qlimage.serve import head
 from qlimage.site import Site, load_site
 from qlimage.site import load as site_load
 from qlimage.site.model import Host, HostAddress
@@ -41,6 +45,17 @@ def adding(file: str, text: str) -> Edit:
 
 def writing(file: str, text: str) -> Edit:
     return lambda root: write(root / file, text)
+
+
+IPXE_COMPUTE = '[bootconfigs.compute]\nimage = "demo"\nloader = "ipxe"\n'
+
+
+def rename_boot_network(root: Path) -> None:
+    """The network `boot` becomes `pxe`, in site.toml and wherever nodes.d names it."""
+    edit(root / "site.toml", "[networks.boot]", "[networks.pxe]")
+    for path in (root / "nodes.d").glob("*.toml"):
+        text = path.read_text().replace("networks.boot", "networks.pxe")
+        path.write_text(text.replace('network = "boot"', 'network = "pxe"'))
 
 
 def move_mailer(root: Path) -> None:
@@ -330,3 +345,45 @@ def test_a_name_clash_is_worded_alike_for_plain_and_other_hosts(root: Path) -> N
         "nodes.d/hosts.toml: host beo-07: .networks.boot: name 'beo-06' is already a name of"
         " host beo-01 (nodes.d/hosts.toml)",
     ]
+
+
+# Edits of what the kept per-host pieces (qlimage.pieces) are made of besides the host.
+PIECE_EDITS: list[tuple[str, Edit]] = [
+    ("a domain suffix", changing("site.toml", "mtu = 2044\n", 'mtu = 2044\nsuffix = "ib.x."\n')),
+    (
+        "a boot config that loads iPXE",
+        changing("site.toml", '[bootconfigs.compute]\nimage = "demo"\n', IPXE_COMPUTE),
+    ),
+    ("the boot network's name", rename_boot_network),
+]
+
+
+def every_node_file(site: Site) -> tuple[object, ...]:
+    """What is made of the kept per-host pieces: every file that names every node."""
+    return head.configs(site), sshfiles.render_all(site), pxelinux.host_links(site)
+
+
+def made_fresh(root: Path) -> tuple[object, ...]:
+    kept = root / "bootfiles/.host-pieces"
+    aside = kept.with_name("aside")
+    kept.rename(aside)
+    try:
+        return every_node_file(load_site(root))
+    finally:
+        aside.rename(kept)
+
+
+def test_kept_pieces_make_what_fresh_ones_make(root: Path) -> None:
+    """After every kind of edit, the files that name every node are the same made of the
+    pieces kept by the build before as made afresh; unchanged hosts' pieces are not made."""
+    site = load_site(root)
+    every_node_file(site)
+    pieces.of(site).save()
+    for what, change in [(what, change) for what, change, _, _ in EDITS] + PIECE_EDITS:
+        change(root)
+        site = load_site(root)
+        kept = every_node_file(site)
+        if what == "nothing":
+            assert pieces.of(site).new == 0, "a piece of an unchanged site was made again"
+        pieces.of(site).save()
+        assert kept == made_fresh(root), what

@@ -10,11 +10,11 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from qlimage import contract, templates
+from qlimage import contract, pieces, templates
 from qlimage.atomic import atomic_path, symlink, write_text
 from qlimage.boot.cmdline import kernel_command_line
 from qlimage.errors import ToolMissing
-from qlimage.site import BootConfig, Site
+from qlimage.site import BootConfig, Host, Site
 
 # Where Debian's pxelinux and syslinux-common packages put the BIOS PXE loader and its library.
 PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
@@ -59,17 +59,23 @@ def configs(site: Site) -> dict[str, str]:
 
 
 def host_links(site: Site) -> dict[str, str]:
-    """{HOSTID: boot config file name} for every host."""
-    network = site.boot_network.name  # once, not per host as site.boot_address(h) does
-    links = {}
-    for h in site.hosts:
+    """{HOSTID: boot config file name} for every host, each HOSTID kept between builds
+    (qlimage.pieces)."""
+    boot = site.boot_network.name  # once, not per host as site.boot_address(h) does
+    ids = pieces.of(site).made("pxelinux", boot, lambda hosts: hostids(hosts, boot))
+    return {hid: h.bootconfig for (hid,), h in zip(ids, site.hosts, strict=True)}
+
+
+def hostids(hosts: list[Host], boot: str) -> list[tuple[str]]:
+    out = []
+    for h in hosts:
         for address in h.addresses:
-            if address.network == network:
-                links[hostid(address.address)] = h.bootconfig
+            if address.network == boot:
+                out.append((hostid(address.address),))
                 break
         else:  # site loading refuses a host without an address on the boot network
             raise AssertionError(f"{h.name}: no address on the boot network")
-    return links
+    return out
 
 
 def write_configs(site: Site, directory: Path) -> None:

@@ -31,7 +31,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
 
-from qlimage import contract, templates
+from qlimage import contract, pieces, templates
 from qlimage.atomic import write_text
 from qlimage.errors import ConfigError
 from qlimage.layout import Layout
@@ -157,17 +157,16 @@ class Entry(NamedTuple):
 def entries(site: Site) -> Iterator[Entry]:
     sfx = suffixes(site)
     for host in sorted(site.hosts, key=attrgetter("name")):
-        a = host.addresses
-        if (
-            len(a) == 1
-            and a[0].hostname == host.name
-            and not a[0].aliases
-            and not sfx[a[0].network]
-        ):
-            names: tuple[str, ...] = (host.name, a[0].address)  # most hosts: what names_of says
-        else:
-            names = (*names_of(host, sfx), *host_addresses(host))
-        yield Entry(host.name, host.source, names, host.ssh_host_keys)
+        yield entry(host, sfx)
+
+
+def entry(host: Host, sfx: Mapping[str, str]) -> Entry:
+    a = host.addresses
+    if len(a) == 1 and a[0].hostname == host.name and not a[0].aliases and not sfx[a[0].network]:
+        names: tuple[str, ...] = (host.name, a[0].address)  # most hosts: what names_of says
+    else:
+        names = (*names_of(host, sfx), *host_addresses(host))
+    return Entry(host.name, host.source, names, host.ssh_host_keys)
 
 
 def render(site: Site, f: SshFile, header: str) -> str:
@@ -176,18 +175,42 @@ def render(site: Site, f: SshFile, header: str) -> str:
 
 
 def render_all(site: Site) -> dict[SshFile, str]:
-    """Both host files, each with its header."""
-    hosts = list(entries(site))
-    return {f: render_entries(f, read_header(site, f.header), hosts) for f in HOST_FILES}
+    """Both host files, each with its header. Each host's lines are kept between builds
+    (qlimage.pieces): a host's lines are its entry's, and a file's generated part is its
+    hosts' lines in the order of their names, as render_entries makes it."""
+    sfx = suffixes(site)
+    hosts = sorted(site.hosts, key=attrgetter("name"))
+    made = pieces.of(site).made(
+        "ssh", tuple(sorted(sfx.items())), lambda some: host_lines(some, sfx), hosts
+    )
+    return {
+        f: render_generated(f, read_header(site, f.header), "".join([p[i] for p in made]))
+        for i, f in enumerate(HOST_FILES)
+    }
+
+
+def host_lines(hosts: list[Host], sfx: Mapping[str, str]) -> list[tuple[str, ...]]:
+    """Each host's lines in each file of HOST_FILES, in that order."""
+    found = [entry(host, sfx) for host in hosts]
+    return list(zip(*(generate(f, found) for f in HOST_FILES), strict=True))
 
 
 def render_entries(f: SshFile, header: str, hosts: list[Entry]) -> str:
-    name = f"bundle/{f.name}.j2"
+    return render_generated(f, header, "".join(generate(f, hosts)))
+
+
+def generate(f: SshFile, hosts: list[Entry]) -> list[str]:
+    """Each host's lines in file `f`."""
     try:
-        generated = GENERATORS[f.name](hosts)
+        return GENERATORS[f.name](hosts)
     except UnsafeValue as e:
-        raise UnsafeValue(f"{name}: {e}") from None  # as templates.render names it
-    return templates.render(name, header=header, header_path=f.header, generated=generated)
+        raise UnsafeValue(f"bundle/{f.name}.j2: {e}") from None  # as templates.render names it
+
+
+def render_generated(f: SshFile, header: str, generated: str) -> str:
+    return templates.render(
+        f"bundle/{f.name}.j2", header=header, header_path=f.header, generated=generated
+    )
 
 
 # The generated parts are built here, not by loops in the templates: at 10,000 hosts a Jinja
@@ -215,42 +238,36 @@ def filters(words: list[str], lines: list[str]) -> tuple[Callable[[str], str], .
     return templates.word, templates.line
 
 
-def known_hosts_lines(hosts: list[Entry]) -> str:
-    """One line per key under all the host's names; a comment for a host without keys."""
+def known_hosts_lines(hosts: list[Entry]) -> list[str]:
+    """Each host's lines: one per key under all the host's names; a comment for a host
+    without keys."""
     keyed = [h for h in hosts if h.keys]
     keyless = [h for h in hosts if not h.keys]
     word, line = filters(
         [h.patterns for h in keyed],
         [k for h in keyed for k in h.keys] + [t for h in keyless for t in (h.name, h.source)],
     )
-    lines = []
+    out = []
     for h in hosts:
         if h.keys:
             patterns = word(h.patterns)
-            lines += [f"{patterns} {line(key)}" for key in h.keys]
+            out.append("".join([f"{patterns} {line(key)}\n" for key in h.keys]))
         else:
-            lines.append(
+            out.append(
                 f"# {line(h.name)}: no ssh_host_keys in {line(h.source)}, so no line:"
-                " ssh cannot check its key"
+                " ssh cannot check its key\n"
             )
-    return lines_text(lines)
+    return out
 
 
-def shosts_equiv_lines(hosts: list[Entry]) -> str:
-    """A comment naming each host, then its names and addresses, one a line."""
+def shosts_equiv_lines(hosts: list[Entry]) -> list[str]:
+    """Each host's lines: a comment naming the host, then its names and addresses, one a
+    line."""
     word, line = filters([n for h in hosts for n in h.names], [h.name for h in hosts])
-    lines = []
-    for h in hosts:
-        lines.append("# " + line(h.name))
-        lines += map(word, h.names)
-    return lines_text(lines)
+    return [f"# {line(h.name)}\n" + "".join([word(n) + "\n" for n in h.names]) for h in hosts]
 
 
-def lines_text(lines: list[str]) -> str:
-    return "\n".join(lines) + "\n" if lines else ""
-
-
-GENERATORS: dict[str, Callable[[list[Entry]], str]] = {
+GENERATORS: dict[str, Callable[[list[Entry]], list[str]]] = {
     KNOWN_HOSTS.name: known_hosts_lines,
     SHOSTS_EQUIV.name: shosts_equiv_lines,
 }

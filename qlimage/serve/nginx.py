@@ -16,11 +16,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from qlimage import contract, templates
+from qlimage import contract, pieces, templates
 from qlimage.errors import QlimageError
 from qlimage.layout import Layout
 from qlimage.serve import values
-from qlimage.site import Site
+from qlimage.site import Host, Site
 
 WORKER_CONNECTIONS = 16384  # per worker: a few thousand nodes, each with a connection or two
 RLIMIT_NOFILE = 65536  # >= 2 x worker_connections: a served file is a descriptor too
@@ -45,14 +45,20 @@ def clients(site: Site) -> list[Client]:
 
 def client_rows(site: Site) -> list[tuple[str, str]]:
     """clients() as (CIDR, why) pairs: one for each of 10,000 nodes costs a tenth of a
-    Client, and the checks go a column at a time (values.checked)."""
+    Client, and each node's is kept between builds (qlimage.pieces)."""
     rows = [(LOOPBACK, "loopback")]
     rows += [(values.cidr(n), "admin network") for n in site.admin_networks]
-    addrs = [a.address for a in values.boot_addresses(site)]
-    addrs = values.checked(addrs, values.CANONICAL_IPV4, values.ipv4)
-    names = values.checked([h.name for h in site.hosts], values.HOSTNAME, values.hostname)
-    rows += [(f"{a}/32", f"node {n}") for a, n in zip(addrs, names, strict=True)]
+    boot = site.boot_network.name
+    rows += pieces.of(site).made("nginx", boot, lambda hosts: node_rows(hosts, boot))
     return rows
+
+
+def node_rows(hosts: list[Host], boot: str) -> list[tuple[str, str]]:
+    """Each host's row, the values checked a column at a time (values.checked)."""
+    addrs = [a.address for a in values.addresses_on(hosts, boot)]
+    addrs = values.checked(addrs, values.CANONICAL_IPV4, values.ipv4)
+    names = values.checked([h.name for h in hosts], values.HOSTNAME, values.hostname)
+    return [(f"{a}/32", f"node {n}") for a, n in zip(addrs, names, strict=True)]
 
 
 def geo_lines(rows: list[tuple[str, str]]) -> str:

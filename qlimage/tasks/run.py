@@ -23,6 +23,7 @@ from typing import IO, Any
 from doit.exceptions import BaseFail, UnmetDependency
 from doit.reporter import ConsoleReporter
 
+from qlimage import pieces
 from qlimage.atomic import clamp_served_dirs
 from qlimage.errors import TaskCrashed, TaskFailures
 from qlimage.image.publish import build_lock
@@ -211,6 +212,7 @@ def run_graph(
         named = GraphFiles()
         loader = ModuleTaskLoader(doit_namespace(site, named.wrap(tasks), reporter))
         status = DoitMain(loader).run(list(doit_args))
+        pieces.of(site).save()  # what the tasks made of each host, for the next build
         if runs_tasks(doit_args):
             # Before the stamp: it records the directories' stat keys. Node generations are
             # clamped when written; trusted outputs hold no other (10,000 lstat's saved).

@@ -37,7 +37,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlimage.atomic import write_text
-from qlimage.layout import BUILD_STAMP, LOCK, POOL_CACHE, RUNNING, VALIDATION_CACHE, Layout
+from qlimage.layout import (
+    BUILD_STAMP,
+    HOST_PIECES,
+    LOCK,
+    POOL_CACHE,
+    RUNNING,
+    VALIDATION_CACHE,
+    Layout,
+)
 
 if TYPE_CHECKING:
     from qlimage.site import Site
@@ -59,7 +67,7 @@ SKIPPED_AT_ROOT = (".git", ".venv", ".pytest_cache", ".mypy_cache", ".ruff_cache
 # Packages whose code decides what the graph writes, besides qlimage itself.
 LIBRARIES = ("doit", "jinja2", "jsonschema", "markupsafe")
 # State files below bootfiles/ that come and go with every command (or are mere caches).
-VOLATILE = frozenset({LOCK, RUNNING, BUILD_STAMP, VALIDATION_CACHE, POOL_CACHE})
+VOLATILE = frozenset({LOCK, RUNNING, BUILD_STAMP, VALIDATION_CACHE, POOL_CACHE, HOST_PIECES})
 
 Key = tuple[int, int, int, int]
 
