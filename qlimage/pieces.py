@@ -7,13 +7,17 @@ kept by the host's origin (Site.origin: what the loader made the host of; two lo
 one origin are equal in every field) within a section per kind of piece, whose key names all
 else the piece is made of: the `context` its maker is given (the site's values it reads) and
 the code of qlimage (any change to a file of the package drops every section). A maker sees
-the host and the context only, so nothing it reads is left out of the key. A host without an
-origin (its nodes.d file was read whole) gets its piece made in every build.
+the hosts and the context only, so nothing it reads is left out of the key. A host without an
+origin (its nodes.d file was read whole) gets its pieces made in every build.
 
-The pieces are kept in bootfiles/.host-pieces in marshal's format, a fifth of JSON's time at
-a megabyte: our own state below the build's directory, as trusted as the build stamp beside
-it; anything unreadable or of another format is no pieces. `save` writes them back (beside,
-renamed in) when a build made more than a few.
+A kind's pieces are columns (a piece is a tuple of strings: its first strings, its second
+strings...) in the order of the section's origins, which is the order the maker was given
+the hosts in: when no host changed, the kept columns are the answer as they are.
+
+The pieces are kept in bootfiles/.host-pieces in marshal's format (lists of strings load in a
+tenth of JSON's time): our own state below the build's directory, as trusted as the build
+stamp beside it; anything unreadable or of another format is no pieces. `save` writes them
+back (beside, renamed in) once a build made more than a few.
 """
 
 from __future__ import annotations
@@ -25,27 +29,26 @@ import os
 import sys
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 from qlimage.atomic import write_bytes
 from qlimage.layout import Layout
 from qlimage.site import Host, Site
 
-FORMAT = 1
+FORMAT = 2
 Piece = tuple[str, ...]
-Section = tuple[str, dict[str, Piece]]  # (its key, {origin: piece})
-P = TypeVar("P", bound=Piece)
+Columns = list[list[str]]
+# A kind's pieces: (section key, the hosts' origins, the pieces' columns in that order).
+Section = tuple[str, list[str], Columns]
 
 
 class Pieces:
-    """The kept pieces of one loaded site (`of`), by section."""
+    """The kept pieces of one loaded site (`of`), by kind."""
 
     def __init__(self, site: Site) -> None:
         self.site = site
         self.path = Layout(site).host_pieces
         self._kept: dict[str, Section] | None = None
-        # This build's pieces by kind: (section key, the hosts' origins, their pieces).
-        self.made_now: dict[str, tuple[str, list[str], Sequence[Piece]]] = {}
+        self.made_now: dict[str, Section] = {}  # this build's
         self.new = 0  # pieces made for hosts with an origin, not yet written
         self._origins: list[str] | None = None
 
@@ -65,42 +68,67 @@ class Pieces:
         self,
         kind: str,
         context: Hashable,
-        make: Callable[[list[Host]], list[P]],
+        width: int,
+        make: Callable[[list[Host]], Sequence[Piece]],
         hosts: Sequence[Host] | None = None,
-    ) -> list[P]:
-        """`make(hosts)` (default: the site's hosts), a piece per host in their order, each
-        taken from the last build's when the host's origin and `context` (a value whose repr
-        names everything but the hosts that `make` reads) are the same: `make` is given the
-        other hosts only, all at once (it may check a column of values in one go)."""
+    ) -> Columns:
+        """The `width` columns of `make(hosts)` (default: the site's hosts; a piece per host,
+        in their order, `width` strings each), each piece taken from the last build's when
+        the host's origin and `context` (a value whose repr names everything but the hosts
+        that `make` reads) are the same: `make` is given the other hosts only, all at once
+        (it may check a column of values in one go)."""
         hosts = self.site.hosts if hosts is None else hosts
         origins = self.origins(hosts)
         key = section_key(kind, context)
         section = self.kept().get(kind)
-        known = section[1] if section is not None and section[0] == key else {}
-        # A kept piece is what `make` made of an equal host in an equal context: a P.
-        found: list[P | None] = [known.get(o) for o in origins]  # type: ignore[misc]
-        missing = [i for i, piece in enumerate(found) if piece is None]
+        if (
+            section is not None
+            and section[0] == key
+            and len(section[2]) == width
+            and section[1] == origins
+            and "" not in origins
+        ):
+            columns = section[2]  # no host changed
+        else:
+            fits = section is not None and section[0] == key and len(section[2]) == width
+            old = section if fits else None
+            columns = self.update(old, origins, width, make, hosts)
+        self.made_now[kind] = (key, origins, columns)
+        return columns
+
+    def update(
+        self,
+        old: Section | None,
+        origins: list[str],
+        width: int,
+        make: Callable[[list[Host]], Sequence[Piece]],
+        hosts: Sequence[Host],
+    ) -> Columns:
+        """The columns, with the kept pieces of `old` where a host's origin has one and the
+        pieces `make` makes of the other hosts."""
+        at = {o: i for i, o in enumerate(old[1]) if o} if old is not None else {}
+        places = [at.get(o, -1) for o in origins]
+        missing = [i for i, place in enumerate(places) if place < 0]
+        columns: Columns = (
+            [[column[p] for p in places] for column in old[2]]
+            if old is not None
+            else [[""] * len(hosts) for _ in range(width)]
+        )
         if missing:
             for i, piece in zip(missing, make([hosts[i] for i in missing]), strict=True):
-                found[i] = piece
-        pieces: list[P] = found  # type: ignore[assignment]  # no None left
-        self.made_now[kind] = (key, origins, pieces)
-        self.new += sum(1 for i in missing if origins[i])  # without one: made every time
-        return pieces
+                for column, text in zip(columns, piece, strict=True):
+                    column[i] = text
+            self.new += sum(1 for i in missing if origins[i])  # without one: made every time
+        return columns
 
     def save(self) -> None:
         """Keep this build's pieces for the next, once it made more than a few: writing them
         costs more than making those few again in the next build (a one-node edit's build
-        writes nothing; the pieces of hosts gone go at the next write). Never the first thing
-        written for a site (a check of a site that was not built yet leaves no trace); a
-        failure only costs the next build the pieces' time."""
+        writes nothing). Never the first thing written for a site (a check of a site that
+        was not built yet leaves no trace); a failure only costs the next build some time."""
         if self.new <= few(len(self.site.hosts)) or not self.path.parent.is_dir():
             return
-        sections = dict(self.kept())
-        for kind, (key, origins, pieces) in self.made_now.items():
-            now: dict[str, Piece] = dict(zip(origins, pieces, strict=True))
-            now.pop("", None)
-            sections[kind] = (key, now)
+        sections = {**self.kept(), **self.made_now}
         try:
             write_bytes(self.path, marshal.dumps((FORMAT, sections)), 0o600)
         except OSError:
@@ -120,14 +148,21 @@ def read(path: Path) -> dict[str, Section]:
         return {}
     if fmt != FORMAT or not isinstance(sections, dict):
         return {}
-    return {
-        kind: section
-        for kind, section in sections.items()
-        if isinstance(section, tuple)
-        and len(section) == 2
-        and isinstance(section[0], str)
-        and isinstance(section[1], dict)
-    }
+    return {kind: section for kind, section in sections.items() if well_formed(section)}
+
+
+def well_formed(section: object) -> bool:
+    """A section as `made` keeps it: columns as long as its origins (strings all; whatever
+    else marshal can hold would fail the join of a file, not tell a wrong piece)."""
+    if not (isinstance(section, tuple) and len(section) == 3):
+        return False
+    key, origins, columns = section
+    return (
+        isinstance(key, str)
+        and isinstance(origins, list)
+        and isinstance(columns, list)
+        and all(isinstance(c, list) and len(c) == len(origins) for c in columns)
+    )
 
 
 def section_key(kind: str, context: Hashable) -> str:

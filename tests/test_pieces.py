@@ -114,3 +114,31 @@ def edit_site(root: Path) -> None:
     """The boot network wide enough for a thousand hosts more."""
     path = root / "site.toml"
     path.write_text(path.read_text().replace('cidr = "10.0.2.0/24"', 'cidr = "10.0.0.0/16"'))
+
+
+def test_a_host_read_whole_is_made_anew_beside_hosts_with_origins(root: Path) -> None:
+    """Pieces are kept for the hosts of one file, while another file's host has none: an
+    edit of that host shows although no origin changed."""
+    whole = root / "nodes.d/whole.toml"
+    whole.write_text(
+        WHOLE_HOST.format(address="10.0.2.40") + "\n[optionsets.late]\nopensm = true\n"
+    )
+    built(root)
+    assert kept_file(root).exists()
+    whole.write_text(whole.read_text().replace("10.0.2.40", "10.0.2.41"))
+    site = load_site(root)
+    assert every_node_file(site) == fresh(root)
+
+
+WHOLE_HOST = """\
+[[hosts]]
+name = "whole-01"
+mac = "52:54:00:12:35:01"
+image = "demo"
+networks.boot = "{address}"
+"""
+
+
+def fresh(root: Path) -> tuple[object, ...]:
+    kept_file(root).unlink()
+    return every_node_file(load_site(root))

@@ -62,8 +62,8 @@ def host_links(site: Site) -> dict[str, str]:
     """{HOSTID: boot config file name} for every host, each HOSTID kept between builds
     (qlimage.pieces)."""
     boot = site.boot_network.name  # once, not per host as site.boot_address(h) does
-    ids = pieces.of(site).made("pxelinux", boot, lambda hosts: hostids(hosts, boot))
-    return {hid: h.bootconfig for (hid,), h in zip(ids, site.hosts, strict=True)}
+    [ids] = pieces.of(site).made("pxelinux", boot, 1, lambda hosts: hostids(hosts, boot))
+    return dict(zip(ids, [h.bootconfig for h in site.hosts], strict=True))
 
 
 def hostids(hosts: list[Host], boot: str) -> list[tuple[str]]:

@@ -181,11 +181,15 @@ def render_all(site: Site) -> dict[SshFile, str]:
     sfx = suffixes(site)
     hosts = sorted(site.hosts, key=attrgetter("name"))
     made = pieces.of(site).made(
-        "ssh", tuple(sorted(sfx.items())), lambda some: host_lines(some, sfx), hosts
+        "ssh",
+        tuple(sorted(sfx.items())),
+        len(HOST_FILES),
+        lambda some: host_lines(some, sfx),
+        hosts,
     )
     return {
-        f: render_generated(f, read_header(site, f.header), "".join([p[i] for p in made]))
-        for i, f in enumerate(HOST_FILES)
+        f: render_generated(f, read_header(site, f.header), "".join(lines))
+        for f, lines in zip(HOST_FILES, made, strict=True)
     }
 
 

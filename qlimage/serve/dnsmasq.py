@@ -82,13 +82,14 @@ def host_lines(site: Site) -> tuple[str, bool]:
     than by a loop in the template, which costs ten times as much at 10,000 hosts."""
     boot = site.boot_network.name
     ipxe_configs = ipxe_bootconfigs(site)
-    lines = pieces.of(site).made(
+    [lines] = pieces.of(site).made(
         "dnsmasq",
         (boot, sorted(ipxe_configs)),
+        1,
         lambda hosts: dhcp_host_lines(hosts, boot, ipxe_configs),
     )
     any_ipxe = bool(ipxe_configs) and any(h.bootconfig in ipxe_configs for h in site.hosts)
-    return "".join([line for (line,) in lines]), any_ipxe
+    return "".join(lines), any_ipxe
 
 
 def dhcp_host_lines(hosts: list[Host], boot: str, ipxe_configs: frozenset[str]) -> list[tuple[str]]:

@@ -49,7 +49,8 @@ def client_rows(site: Site) -> list[tuple[str, str]]:
     rows = [(LOOPBACK, "loopback")]
     rows += [(values.cidr(n), "admin network") for n in site.admin_networks]
     boot = site.boot_network.name
-    rows += pieces.of(site).made("nginx", boot, lambda hosts: node_rows(hosts, boot))
+    cidrs, whys = pieces.of(site).made("nginx", boot, 2, lambda hosts: node_rows(hosts, boot))
+    rows += zip(cidrs, whys, strict=True)
     return rows
 
 
