@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -343,3 +344,40 @@ def test_a_node_changed_while_an_edit_builds_is_not_stamped_as_served(
     assert (site / "bootfiles/.build-stamp.json").exists()
     assert "bundle:beo-01" in executed(declines(site))
     assert sorted(os.listdir(served_generation(site))) == GENERATION_FILES
+
+
+def test_a_trusted_build_takes_the_generations_to_discard_from_its_table(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the outputs as stamped, the old generation of a node published again is the one
+    its table entry names: removed, without a listing of nodes/, and nothing else is."""
+    from qlimage.bundle import publish
+
+    edited_and_settled(site)
+    nodes = site / "bootfiles/qlustar/nodes"
+    before = sorted(os.listdir(nodes))
+
+    def no_listing(*args: object) -> object:
+        raise AssertionError("nodes/ was listed")
+
+    monkeypatch.setattr(publish, "generations_by_node", no_listing)
+    build_in_process(site)
+    monkeypatch.undo()
+    after = sorted(os.listdir(nodes))
+    beo_02 = "52-54-00-12-34-57"
+    assert [n for n in after if beo_02 not in n] == [n for n in before if beo_02 not in n]
+    assert [n for n in after if n.startswith(f".{beo_02}.")] == [os.readlink(nodes / beo_02)]
+
+
+def test_the_stamp_stops_looking_at_the_first_input_changed_during_the_build() -> None:
+    """An input as new as the build: no stamp, and the walk ends there (after an edit, the
+    site's own files come first; the libraries' trees are never walked)."""
+    old, new = (1, 2, 3, 100), (1, 2, 3, 200)
+
+    def entries() -> Iterator[tuple[str, stamp.Key | None, stamp.Key | None]]:
+        yield "a", old, None
+        yield "b", None, new
+        raise AssertionError("walked on")
+
+    assert stamp.settled_entries(entries(), 200) is None
+    assert stamp.settled_entries(iter([("a", old, old)]), 200) == [("a", old, old)]

@@ -169,8 +169,21 @@ def outputs_digest(plan: dict[str, Any], known: dict[str, Key | None] | None = N
     return outputs.hexdigest()
 
 
-def newest_ctime(entries: Iterable[tuple[str, Key | None, Key | None]]) -> int:
-    return max((k[3] for _, own, target in entries for k in (own, target) if k), default=0)
+def settled_entries(
+    entries: Iterable[tuple[str, Key | None, Key | None]], since_ns: int
+) -> list[tuple[str, Key | None, Key | None]] | None:
+    """The entries, or None as soon as one changed at `since_ns` or later: then no stamp is
+    written, and the rest need not be looked at (a build right after an edit, the usual
+    case of a script, stops at the site's own files)."""
+    settled = []
+    for entry in entries:
+        _, own, target = entry
+        if (own is not None and own[3] >= since_ns) or (
+            target is not None and target[3] >= since_ns
+        ):
+            return None
+        settled.append(entry)
+    return settled
 
 
 def stamp_path(site_root: Path) -> Path | None:
@@ -333,8 +346,8 @@ def write(
     keys are the ones `up_to_date` saw."""
     plan = plan_of(site, targets, file_dep)
     path = Layout(site).build_stamp
-    entries = list(input_entries(plan))  # one walk for both
-    if newest_ctime(entries) >= started_ns - MARGIN_NS:
+    entries = settled_entries(input_entries(plan), started_ns - MARGIN_NS)  # one walk for both
+    if entries is None:
         path.unlink(missing_ok=True)
         return False
     inputs = inputs_digest(plan, entries)
