@@ -308,24 +308,33 @@ def under(path: Path, roots: Iterable[Path]) -> bool:
 def plan_of(site: Site, targets: Iterable[str], file_dep: Iterable[str]) -> dict[str, Any]:
     """What the stamp of this site covers: every input tree and file, and what doit checks of
     the outputs (`targets` and `file_dep`: every file the graph's tasks named)."""
+    return {**inputs_plan(site), **outputs_plan(site, targets, file_dep)}
+
+
+def inputs_plan(site: Site) -> dict[str, Any]:
     from qlimage.boot import pxelinux
 
     p = site.paths
-    layout = Layout(site)
     inputs = [p.root, p.pool, p.images, p.nodes, p.overlays, p.rootfs, p.chroots, p.modules]
     trees = [p.root] + [t for t in inputs[1:] if not under(t, [p.root])] + [p.cache]
     code = [package_dir(n) for n in ("qlimage", *LIBRARIES)]
     files = [site.kernel_deb, site.head_shadow, pxelinux.PXELINUX, pxelinux.LDLINUX]
+    return {
+        "trees": [str(t) for t in trees] + [c for c in code if c],
+        "skipped": [str(p.bootfiles), str(p.cache)] + [str(p.root / n) for n in SKIPPED_AT_ROOT],
+        "files": [str(f) for f in files if f],
+        "root": str(p.root),
+    }
+
+
+def outputs_plan(site: Site, targets: Iterable[str], file_dep: Iterable[str]) -> dict[str, Any]:
+    layout = Layout(site)
     # rpartition is dirname for the absolute, normalized paths the tasks name, at a third of
     # its cost: 40,000 of them at 10,000 nodes.
     parents = {t.rpartition("/")[0] for t in targets}
     directories = parents | {d.rpartition("/")[0] for d in parents}
     return {
-        "trees": [str(t) for t in trees] + [c for c in code if c],
-        "skipped": [str(p.bootfiles), str(p.cache)] + [str(p.root / n) for n in SKIPPED_AT_ROOT],
-        "files": [str(f) for f in files if f],
         "file_dep": sorted(set(file_dep)),
-        "root": str(p.root),
         "bootfiles": str(layout.bootfiles),
         "directories": sorted(directories - {str(layout.bootfiles)}),
         # Written in place, it would change no directory: what `outputs_trusted` relies on.
@@ -344,16 +353,19 @@ def write(
     it ran (then the next build does the work, and stamps). `settled`: output directories
     this build left as the stamped build did, when it trusted the outputs (`claim`): their
     keys are the ones `up_to_date` saw."""
-    plan = plan_of(site, targets, file_dep)
     path = Layout(site).build_stamp
-    entries = settled_entries(input_entries(plan), started_ns - MARGIN_NS)  # one walk for both
+    read = inputs_plan(site)
+    entries = settled_entries(input_entries(read), started_ns - MARGIN_NS)  # one walk for both
     if entries is None:
         path.unlink(missing_ok=True)
         return False
-    inputs = inputs_digest(plan, entries)
+    plan = {**read, **outputs_plan(site, targets, file_dep)}
     known = {d: _seen[d] for d in settled if d in _seen} if _trusted else {}
-    outputs = outputs_digest(plan, known)
-    write_text(
-        path, json.dumps({"format": FORMAT, "plan": plan, "inputs": inputs, "outputs": outputs})
-    )
+    stamp = {
+        "format": FORMAT,
+        "plan": plan,
+        "inputs": inputs_digest(plan, entries),
+        "outputs": outputs_digest(plan, known),
+    }
+    write_text(path, json.dumps(stamp))
     return True
