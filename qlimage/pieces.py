@@ -14,7 +14,7 @@ A kind's pieces are columns (a piece is a tuple of strings: its first strings, i
 strings...) in the order of the section's origins, which is the order the maker was given
 the hosts in: when no host changed, the kept columns are the answer as they are.
 
-The pieces are kept in bootfiles/.host-pieces in marshal's format (lists of strings load in a
+The pieces are kept in Layout.host_pieces in marshal's format (lists of strings load in a
 tenth of JSON's time): our own state below the build's directory, as trusted as the build
 stamp beside it; anything unreadable or of another format is no pieces. `save` writes them
 back (beside, renamed in) once a build made more than a few.

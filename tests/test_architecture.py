@@ -105,6 +105,7 @@ def test_hidden_state_files_are_spelled_only_by_the_layout() -> None:
         ".pool-control.json",
         ".doit-state.json",
         ".apt-hook-pending",
+        ".host-pieces",
         "cache/modules",
     ):
         assert sources_mentioning(name) <= {"qlimage.layout"}, name
