@@ -381,3 +381,19 @@ def test_the_stamp_stops_looking_at_the_first_input_changed_during_the_build() -
 
     assert stamp.settled_entries(entries(), 200) is None
     assert stamp.settled_entries(iter([("a", old, old)]), 200) == [("a", old, old)]
+
+
+def test_the_pxelinux_index_edited_in_place_withdraws_the_trust(site: Path) -> None:
+    """The HOSTID index says what each link is when the outputs are trusted: written in
+    place (no directory changes), it is keyed by the stamp itself, as the bundle table is."""
+    stamped(site)
+    index = site / "bootfiles/pxelinux.cfg/.hosts"
+    with index.open("r+b") as f:
+        data = f.read()
+        f.seek(0)
+        f.write(data)
+    edit_beo_02(site)
+    assert not stamp.up_to_date(site)
+    stamp.claim(load_site(site))
+    assert not stamp.outputs_trusted()
+    declines(site)

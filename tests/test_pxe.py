@@ -158,6 +158,34 @@ def test_write_links_creates_retargets_and_removes(tmp_path: Path) -> None:
     assert sorted(os.listdir(cfg)) == [".hosts", "0A0002FE", "compute", "default"]
 
 
+def test_write_links_with_trusted_outputs_reads_only_the_changed_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the outputs as the stamped build left them (tasks/stamp.py), the index says what
+    each link is: only a link whose entry changed is read and made, and a stale one (only a
+    HOSTID, whatever the index says) removed."""
+    from qlimage.tasks import stamp
+
+    cfg = tmp_path / "pxelinux.cfg"
+    pxe.write_links({"0A00020F": "compute", "0A000210": "demo", "0A000211": "demo"}, cfg)
+    with (cfg / ".hosts").open("a") as index:
+        index.write("../outside demo\n")  # never a name to remove
+    (tmp_path / "outside").write_text("not a link of ours\n")
+    read: list[str] = []
+    readlink = os.readlink
+
+    def counted(path: str | os.PathLike[str]) -> str:
+        read.append(os.path.basename(path))
+        return readlink(path)
+
+    monkeypatch.setattr(pxe.os, "readlink", counted)
+    monkeypatch.setattr(stamp, "outputs_trusted", lambda: True)
+    pxe.write_links({"0A00020F": "compute", "0A000210": "fallback"}, cfg)
+    assert read == ["0A000210"]
+    assert links_in(cfg) == {"0A00020F": "compute", "0A000210": "fallback"}
+    assert (tmp_path / "outside").exists()
+
+
 def test_write_links_creates_the_directory(tmp_path: Path) -> None:
     cfg = tmp_path / "new" / "pxelinux.cfg"
     pxe.write_links({"0A00020F": "compute"}, cfg)

@@ -84,17 +84,39 @@ def write_configs(site: Site, directory: Path) -> None:
 
 
 def write_links(links: Mapping[str, str], directory: Path) -> None:
-    """Make the HOSTID links exactly `links`: create, retarget, and remove stale ones."""
+    """Make the HOSTID links exactly `links`: create, retarget, and remove stale ones (those
+    the index names). With the outputs as the stamped build left them (tasks/stamp.py, which
+    keys the index itself too), a link is what the index says it is: only links whose entry
+    changed are looked at, not 10,000 for one node's new address."""
+    from qlimage.tasks import stamp
+
     directory.mkdir(parents=True, exist_ok=True)
     index = directory / HOSTS_INDEX
-    old = set(index.read_text().split()[::2]) if index.exists() else set()
+    old = read_index(index)
+    trusted = stamp.outputs_trusted()
     for name, target in sorted(links.items()):
+        if trusted and old.get(name) == target:
+            continue
         link = directory / name
         if not (link.is_symlink() and os.readlink(link) == target):
             symlink(link, target)
-    for name in sorted(old - links.keys()):
+    for name in sorted(old.keys() - links.keys()):
         (directory / name).unlink(missing_ok=True)
     write_text(index, "".join(f"{k} {v}\n" for k, v in sorted(links.items())))
+
+
+# What hostid() makes: only names of this form are ever removed as stale links.
+HOSTID = re.compile(r"[0-9A-F]{8}")
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """{HOSTID: boot config} as the index lists them (a missing index: none)."""
+    try:
+        words = index.read_text().split()
+    except FileNotFoundError:
+        return {}
+    pairs = zip(words[::2], words[1::2], strict=False)  # a torn last entry: no target
+    return {k: v for k, v in pairs if HOSTID.fullmatch(k)}
 
 
 def install_tftp_tree(tftpboot: Path) -> None:

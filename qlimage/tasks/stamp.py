@@ -328,6 +328,8 @@ def inputs_plan(site: Site) -> dict[str, Any]:
 
 
 def outputs_plan(site: Site, targets: Iterable[str], file_dep: Iterable[str]) -> dict[str, Any]:
+    from qlimage.boot import pxelinux
+
     layout = Layout(site)
     # rpartition is dirname for the absolute, normalized paths the tasks name, at a third of
     # its cost: 40,000 of them at 10,000 nodes.
@@ -337,8 +339,8 @@ def outputs_plan(site: Site, targets: Iterable[str], file_dep: Iterable[str]) ->
         "file_dep": sorted(set(file_dep)),
         "bootfiles": str(layout.bootfiles),
         "directories": sorted(directories - {str(layout.bootfiles)}),
-        # Written in place, it would change no directory: what `outputs_trusted` relies on.
-        "keyed": [str(layout.bundle_table)],
+        # Written in place, they would change no directory: what `outputs_trusted` relies on.
+        "keyed": [str(layout.bundle_table), str(layout.pxelinux_cfg / pxelinux.HOSTS_INDEX)],
     }
 
 
