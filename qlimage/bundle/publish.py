@@ -172,9 +172,11 @@ class NodeBundles:
         every other that does, and the rest are served."""
         due = self.due()
         self.written = {node_name(h) for h, _ in due} | set(self.moved)
-        older = self.served_generations() if stamp.outputs_trusted() else None
-        if older is None:
-            older = generations_by_node(self.layout.nodes(), self.written)
+        older = (
+            self.served_generations()
+            if stamp.outputs_trusted()
+            else generations_by_node(self.layout.nodes(), self.written)
+        )
         problems = []
         for host, key in due:
             name = node_name(host)

@@ -305,10 +305,8 @@ def under(path: Path, roots: Iterable[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
-def plan_of(site: Site, targets: Iterable[str], file_dep: Iterable[str]) -> dict[str, Any]:
-    """What the stamp of this site covers: every input tree and file, and what doit checks of
-    the outputs (`targets` and `file_dep`: every file the graph's tasks named)."""
-    return {**inputs_plan(site), **outputs_plan(site, targets, file_dep)}
+# What the stamp of a site covers (its plan): every input tree and file, and what doit checks
+# of the outputs (`targets` and `file_dep`: every file the graph's tasks named).
 
 
 def inputs_plan(site: Site) -> dict[str, Any]:
