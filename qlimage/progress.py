@@ -320,8 +320,8 @@ class ReadPosition:
     `run(on_tick=)`. The offset only moves forward on the line: a tool that seeks back (or a
     child holding a second description of the file) never makes the bar go backwards."""
 
-    def __init__(self, path: Path, progress: Progress) -> None:
-        st = os.stat(path)
+    def __init__(self, st: os.stat_result, progress: Progress) -> None:
+        """`st`: the file's stat (what the tool's descriptor of it must stat to)."""
         self.key = (st.st_dev, st.st_ino)
         self.progress = progress
 
@@ -340,10 +340,16 @@ class ReadPosition:
 def reading(path: Path, label: str) -> Iterator[Callable[[Running], None]]:
     """A progress line (bytes) of how far a tool reads `path`, as `label`: yields the tick for
     `run(on_tick=)`; the line ends at 100 % when the block ends well and where it stood when
-    it fails, so that the error starts on a line of its own."""
-    shown = Progress(label, os.stat(path).st_size, as_bytes=True)
+    it fails, so that the error starts on a line of its own. A file that cannot be looked at
+    (gone since the plan) gets no line: the tool says what is wrong with it, as without one."""
     try:
-        yield ReadPosition(path, shown).tick
+        st = os.stat(path)
+    except OSError:
+        yield lambda proc: None
+        return
+    shown = Progress(label, st.st_size, as_bytes=True)
+    try:
+        yield ReadPosition(st, shown).tick
     except BaseException:
         shown.abandon()
         raise
