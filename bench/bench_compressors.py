@@ -2,7 +2,7 @@
 and zstd at several levels, on one large staged tree, with the project's own mksquashfs command
 (squashfs.mksquashfs_command: block size, epoch, processors). Prints figures, asserts nothing.
 
-The tree is the staged image of the bench site of bench_image_step.py (core + a module made of
+The tree is the staged image of bench_pipeline.bulk_site (core + a module made of
 /usr/share, >= 600 MB), or any tree given with --tree (e.g. an existing stage directory).
 Each configuration takes seconds to minutes on 2 cores; the whole table takes about 15 minutes.
 
@@ -19,8 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_image_step import bench_site  # noqa: E402
-from bench_pipeline import timed, tree_size  # noqa: E402
+from bench_pipeline import bulk_site, timed, tree_size  # noqa: E402
 
 from qlimage.image import squashfs  # noqa: E402
 from qlimage.layout import Layout  # noqa: E402
@@ -58,7 +57,7 @@ def main() -> None:
         tmp = Path(name)
         tree = args.tree
         if tree is None:
-            tree = Layout(load_site(bench_site(tmp, args.bulk))).stage("img00")
+            tree = Layout(load_site(bulk_site(tmp, args.bulk))).stage("img00")
         size = tree_size(tree)
         print(f"compressors on a {size:.0f} MB tree ({tree}), block 128 KiB,"
               f" {Path('/proc/loadavg').read_text().split()[0]} load at start:")  # fmt: skip

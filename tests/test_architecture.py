@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qlimage"
 
@@ -136,3 +140,21 @@ def test_tests_share_code_through_helpers_not_through_each_other() -> None:
         names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         offenders[path.name] = sorted(n for n in names if n.split(".")[0].startswith("test_"))
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+BENCH = PACKAGE.parent / "bench"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("bench_*.py")))
+def test_bench_script_starts(script: str) -> None:
+    """Benchmarks run by hand, not in CI: each must at least import what it uses (a name moved
+    between bench modules once left bench_compressors.py unable to start)."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout
