@@ -40,6 +40,13 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"  # not reached
 
 
+def process_stdout() -> IO[str]:
+    """Where a log's plain lines go: the process's own standard output. Inside a build task
+    `sys.stdout` is doit's capture (a task's output is shown only when it fails), which would
+    keep every line from the log until the task ended, and then drop them."""
+    return sys.__stdout__ or sys.stdout
+
+
 class Progress:
     """One piece of work of `total` units (bytes with `as_bytes`), reported as `label`."""
 
@@ -63,7 +70,7 @@ class Progress:
         if live is None:
             live = sys.stderr.isatty() if stream is None else stream.isatty()
         self.live = live
-        self.stream = stream or (sys.stderr if self.live else sys.stdout)
+        self.stream = stream or (sys.stderr if self.live else process_stdout())
         self.clock = clock
         self.started = clock()
         self.quiet = _silenced
