@@ -47,6 +47,12 @@ def process_stdout() -> IO[str]:
     return sys.__stdout__ or sys.stdout
 
 
+def say(text: str) -> None:
+    """A line a build task has for the log as it happens (what a boot test boots, how it
+    ended): on the process's standard output, like the plain progress lines."""
+    print(text, file=process_stdout(), flush=True)
+
+
 class Progress:
     """One piece of work of `total` units (bytes with `as_bytes`), reported as `label`."""
 

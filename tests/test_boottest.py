@@ -41,6 +41,9 @@ def test_only_a_generation_that_boots_becomes_current(built_copy: Path) -> None:
         (site / "bootfiles/qlustar/images/demo" / good / boottest.RECORD).read_text()
     )
     assert record["node"] == "beo-01" and record["passed"] is True, record
+    # The build's log says what it boots while it boots, and how that ended.
+    assert f"boot test: image demo, generation {good}, node beo-01 ..." in out.splitlines(), out
+    assert f"boot test: image demo: generation {good} passed in " in out, out
 
     # A generation that cannot boot (its /bin/sh is gone): built, booted, refused, removed.
     (site / "overlays/common/remove").write_text("/bin/busybox\n")

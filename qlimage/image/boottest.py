@@ -18,6 +18,7 @@ from pathlib import Path
 from qlimage import contract
 from qlimage.atomic import write_text
 from qlimage.errors import BootTestFailed
+from qlimage.progress import say
 from qlimage.site import Host, Site
 
 RECORD = "boot-test.json"  # in a generation that passed its boot test
@@ -41,9 +42,9 @@ def boot_test(site: Site, image: str, gen: Path) -> None:
 
     host = test_node(site, image)
     if host is None:
-        print(f"boot test: image {image}: no host boots it, generation {gen.name} untested")
+        say(f"boot test: image {image}: no host boots it, generation {gen.name} untested")
         return
-    print(f"boot test: image {image}, generation {gen.name}, node {host.name} ...", flush=True)
+    say(f"boot test: image {image}, generation {gen.name}, node {host.name} ...")
     result = vm.boot(
         site,
         host.name,
@@ -61,7 +62,7 @@ def boot_test(site: Site, image: str, gen: Path) -> None:
         )
     record = {"node": host.name, "passed": True, "seconds": round(result.seconds, 1)}
     write_text(gen / RECORD, json.dumps(record, sort_keys=True) + "\n")
-    print(f"boot test: image {image}: generation {gen.name} passed in {result.seconds:.1f} s")
+    say(f"boot test: image {image}: generation {gen.name} passed in {result.seconds:.1f} s")
 
 
 def passed(gen: Path) -> dict[str, object] | None:
