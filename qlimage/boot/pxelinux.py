@@ -14,7 +14,7 @@ from qlimage import contract, pieces, templates
 from qlimage.atomic import atomic_path, symlink, write_text
 from qlimage.boot.cmdline import kernel_command_line
 from qlimage.errors import ToolMissing
-from qlimage.site import BootConfig, Host, Site
+from qlimage.site import BootConfig, Host, Site, addresses_on
 
 # Where Debian's pxelinux and syslinux-common packages put the BIOS PXE loader and its library.
 PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
@@ -67,15 +67,7 @@ def host_links(site: Site) -> dict[str, str]:
 
 
 def hostids(hosts: list[Host], boot: str) -> list[tuple[str]]:
-    out = []
-    for h in hosts:
-        for address in h.addresses:
-            if address.network == boot:
-                out.append((hostid(address.address),))
-                break
-        else:  # site loading refuses a host without an address on the boot network
-            raise AssertionError(f"{h.name}: no address on the boot network")
-    return out
+    return [(hostid(a.address),) for a in addresses_on(hosts, boot)]
 
 
 def write_configs(site: Site, directory: Path) -> None:

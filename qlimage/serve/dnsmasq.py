@@ -19,7 +19,7 @@ from qlimage import pieces, templates
 from qlimage.boot import ipxe
 from qlimage.layout import Layout
 from qlimage.serve import values
-from qlimage.site import Host, Site
+from qlimage.site import Host, Site, addresses_on
 
 # DHCP client architectures (RFC 4578 option 93) -> dnsmasq tag; the tag names stay stable so
 # the UEFI loaders only add `dhcp-boot=tag:<tag>,<loader>` lines.
@@ -94,7 +94,7 @@ def host_lines(site: Site) -> tuple[str, bool]:
 
 def dhcp_host_lines(hosts: list[Host], boot: str, ipxe_configs: frozenset[str]) -> list[tuple[str]]:
     """Each host's dhcp-host line, the values checked a column at a time."""
-    addrs = values.addresses_on(hosts, boot)
+    addrs = addresses_on(hosts, boot)
     macs = values.checked([h.mac for h in hosts], values.MAC, values.mac)
     ips = values.checked([a.address for a in addrs], values.CANONICAL_IPV4, values.ipv4)
     names = values.checked([a.hostname for a in addrs], values.HOSTNAME, values.hostname)

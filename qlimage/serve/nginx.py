@@ -20,7 +20,7 @@ from qlimage import contract, pieces, templates
 from qlimage.errors import QlimageError
 from qlimage.layout import Layout
 from qlimage.serve import values
-from qlimage.site import Host, Site
+from qlimage.site import Host, Site, addresses_on
 
 WORKER_CONNECTIONS = 16384  # per worker: a few thousand nodes, each with a connection or two
 RLIMIT_NOFILE = 65536  # >= 2 x worker_connections: a served file is a descriptor too
@@ -56,7 +56,7 @@ def client_rows(site: Site) -> list[tuple[str, str]]:
 
 def node_rows(hosts: list[Host], boot: str) -> list[tuple[str, str]]:
     """Each host's row, the values checked a column at a time (values.checked)."""
-    addrs = [a.address for a in values.addresses_on(hosts, boot)]
+    addrs = [a.address for a in addresses_on(hosts, boot)]
     addrs = values.checked(addrs, values.CANONICAL_IPV4, values.ipv4)
     names = values.checked([h.name for h in hosts], values.HOSTNAME, values.hostname)
     return [(f"{a}/32", f"node {n}") for a, n in zip(addrs, names, strict=True)]

@@ -12,14 +12,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from qlimage.errors import ConfigError, QlimageError
-
-if TYPE_CHECKING:  # the site loader imports this module
-    from qlimage.site import Host, HostAddress
 
 # dnsmasq splits values at `,` and reads `#` and quotes; nginx splits at whitespace and `;`,
 # expands `$` and reads `{}` and quotes. Neither can carry these, so a path must avoid them.
@@ -92,17 +88,3 @@ def checked(texts: list[str], pattern: re.Pattern[str], check: Callable[[str], s
 def column(pattern: re.Pattern[str]) -> re.Pattern[str]:
     """Lines that each fullmatch `pattern`."""
     return re.compile(rf"(?:{pattern.pattern})(?:\n(?:{pattern.pattern}))*")
-
-
-def addresses_on(hosts: Sequence[Host], network: str) -> list[HostAddress]:
-    """Each host's address on `network`, in host order: one each (for the boot network, the
-    loader requires it)."""
-    out = []
-    for host in hosts:
-        for addr in host.addresses:
-            if addr.network == network:
-                out.append(addr)
-                break
-        else:
-            raise AssertionError(f"{host.name}: no address on {network}")
-    return out

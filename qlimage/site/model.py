@@ -6,7 +6,7 @@ Built once by `qlimage.site.load`; nothing downstream re-reads or re-checks a si
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -49,6 +49,17 @@ class Host:
 
     def address_on(self, network: str) -> HostAddress | None:
         return next((a for a in self.addresses if a.network == network), None)
+
+
+def addresses_on(hosts: Sequence[Host], network: str) -> list[HostAddress]:
+    """Each host's address on `network`, in host order: every host has one (for the boot
+    network, the loader requires it)."""
+    out = []
+    for host in hosts:
+        if (address := host.address_on(network)) is None:
+            raise AssertionError(f"{host.name}: no address on {network}")
+        out.append(address)
+    return out
 
 
 @dataclass(frozen=True)
